@@ -1,0 +1,129 @@
+"""Hypothesis strategies: small valid ERNIE 4.5 MoE configs, weights seeds and inputs.
+
+Everything is valid by construction: divisors are drawn rather than filtered, and the MoE layer
+pattern is drawn around a layer that is sure to be MoE. The suite's tests draw these with
+`data.draw(strategy, label=...)`, so a shrunk counterexample reads as a list of named values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from hypothesis import strategies as st
+
+from ernie_ref import ErnieMoeConfig
+
+__all__ = ["ConfigLimits", "configs", "layer_patterns", "seeds", "Inputs", "inputs", "make_input_ids"]
+
+
+@dataclass(frozen=True)
+class ConfigLimits:
+    """Upper bounds for drawn configs; the defaults keep one example well under a second."""
+
+    max_layers: int = 4
+    max_kv_heads: int = 3
+    max_group: int = 3  # query heads per key/value head
+    max_head_dim: int = 16
+    max_hidden: int = 48
+    max_experts: int = 6
+    max_vocab: int = 96
+    allow_bias: bool = True
+
+
+@st.composite
+def layer_patterns(draw: st.DrawFn, num_layers: int) -> dict[str, int]:
+    """moe_layer_start_index, moe_layer_end_index (maybe -1) and moe_layer_interval with >= 1 MoE layer.
+
+    Draw the interval, then one layer that the interval allows to be MoE, then a start at or
+    before it and an end at or after it.
+    """
+    interval = draw(st.integers(1, num_layers))
+    candidates = list(range(interval - 1, num_layers, interval))  # (i + 1) % interval == 0
+    anchor = draw(st.sampled_from(candidates))
+    start = draw(st.integers(0, anchor))
+    end = draw(st.integers(anchor, num_layers - 1))
+    if end == num_layers - 1 and draw(st.booleans()):
+        end = -1
+    return {"moe_layer_start_index": start, "moe_layer_end_index": end, "moe_layer_interval": interval}
+
+
+@st.composite
+def configs(draw: st.DrawFn, limits: ConfigLimits = ConfigLimits(), **fixed: Any) -> ErnieMoeConfig:
+    """A small, valid `ErnieMoeConfig`. Keyword arguments fix HF config keys instead of drawing them."""
+
+    def pick(name: str, strategy: st.SearchStrategy[Any]) -> Any:
+        return fixed[name] if name in fixed else draw(strategy)
+
+    num_layers = pick("num_hidden_layers", st.integers(1, limits.max_layers))
+    kv_heads = pick("num_key_value_heads", st.integers(1, limits.max_kv_heads))
+    group = draw(st.integers(1, limits.max_group))
+    heads = pick("num_attention_heads", st.just(kv_heads * group))
+    head_dim = pick("head_dim", st.integers(1, limits.max_head_dim // 2).map(lambda n: 2 * n))
+    if draw(st.booleans()):
+        # config.json without head_dim: transformers uses hidden // heads, so draw hidden for it.
+        hidden = heads * head_dim + draw(st.integers(0, heads - 1))
+        explicit_head_dim = False
+    else:
+        hidden = pick("hidden_size", st.integers(2, limits.max_hidden // 2).map(lambda n: 2 * n))
+        explicit_head_dim = True
+    experts = pick("moe_num_experts", st.integers(2, limits.max_experts))
+    hf: dict[str, Any] = {
+        "vocab_size": pick("vocab_size", st.integers(8, limits.max_vocab)),
+        "hidden_size": hidden,
+        "intermediate_size": pick("intermediate_size", st.integers(4, 64)),
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "moe_num_experts": experts,
+        "moe_k": pick("moe_k", st.integers(1, experts)),
+        "moe_intermediate_size": pick("moe_intermediate_size", st.integers(2, 32)),
+        "moe_num_shared_experts": pick("moe_num_shared_experts", st.integers(0, 2)),
+        "tie_word_embeddings": pick("tie_word_embeddings", st.booleans()),
+        "use_bias": pick("use_bias", st.booleans() if limits.allow_bias else st.just(False)),
+        "rms_norm_eps": pick("rms_norm_eps", st.sampled_from([1e-5, 1e-6]) | st.floats(1e-7, 1e-3)),
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": pick("rope_theta", st.sampled_from([500000.0, 10000.0]) | st.floats(10.0, 1e6)),
+        },
+        "moe_norm_min": pick("moe_norm_min", st.sampled_from([1e-12]) | st.floats(0.05, 1.0)),
+    }
+    if explicit_head_dim:
+        hf["head_dim"] = head_dim
+    pattern_keys = ("moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval")
+    if any(k in fixed for k in pattern_keys):
+        hf.update({k: fixed[k] for k in pattern_keys if k in fixed})
+    else:
+        hf.update(draw(layer_patterns(num_layers)))
+    return ErnieMoeConfig.from_hf(hf)
+
+
+def seeds() -> st.SearchStrategy[int]:
+    return st.integers(0, 2**31 - 1)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """A batch of token ids, described by its shape and seed so that a counterexample can store it."""
+
+    batch: int
+    seq_len: int
+    seed: int
+
+    def input_ids(self, vocab_size: int) -> torch.Tensor:
+        return make_input_ids(self.batch, self.seq_len, vocab_size, self.seed)
+
+
+def make_input_ids(batch: int, seq_len: int, vocab_size: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (batch, seq_len), generator=gen)
+
+
+@st.composite
+def inputs(draw: st.DrawFn, max_batch: int = 2, max_seq_len: int = 8) -> Inputs:
+    return Inputs(
+        batch=draw(st.integers(1, max_batch)),
+        seq_len=draw(st.integers(1, max_seq_len)),
+        seed=draw(seeds()),
+    )

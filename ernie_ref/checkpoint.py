@@ -1,0 +1,275 @@
+"""HuggingFace checkpoint directories for ERNIE 4.5 MoE, in the real on-disk format.
+
+A directory holds `config.json` and either `model.safetensors` or shards
+`model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`. Experts are stored one
+tensor per expert and projection (`model.layers.N.mlp.experts.E.gate_proj.weight`), as the
+published checkpoints are; transformers merges them into fused tensors when it loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ConfigError, ErnieMoeConfig
+
+__all__ = [
+    "CheckpointError",
+    "expected_keys",
+    "check_state_dict",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_config",
+    "iter_tensors",
+    "random_checkpoint",
+    "random_state_dict",
+    "FP32_TENSOR_SUFFIXES",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "INDEX_NAME",
+]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+# Real ERNIE 4.5 checkpoints keep the router in fp32 whatever the dtype of the rest
+# (transformers' `_keep_in_fp32_modules_strict`).
+FP32_TENSOR_SUFFIXES = ("mlp.gate.weight", "mlp.moe_statics.e_score_correction_bias")
+
+# Tensors that transformers ignores when it loads (`_keys_to_ignore_on_load_unexpected`):
+# multi-token-prediction heads of the published checkpoints. They are not part of the model.
+IGNORED_KEY_FRAGMENT = "mtp"
+
+# Default shard size: small enough that tests with a few MB exercise sharding when they ask to.
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose tensors do not match its config.json."""
+
+
+def expected_keys(cfg: ErnieMoeConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name of the HF checkpoint for `cfg`, with its shape, in model order."""
+    H, D = cfg.hidden_size, cfg.head_dim
+    keys: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, H)}
+
+    def linear(prefix: str, n_in: int, n_out: int, bias: bool) -> None:
+        keys[f"{prefix}.weight"] = (n_out, n_in)
+        if bias:
+            keys[f"{prefix}.bias"] = (n_out,)
+
+    def mlp(prefix: str, width: int, bias: bool) -> None:
+        linear(f"{prefix}.gate_proj", H, width, bias)
+        linear(f"{prefix}.up_proj", H, width, bias)
+        linear(f"{prefix}.down_proj", width, H, bias)
+
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}"
+        keys[f"{p}.input_layernorm.weight"] = (H,)
+        linear(f"{p}.self_attn.q_proj", H, cfg.num_attention_heads * D, cfg.use_bias)
+        linear(f"{p}.self_attn.k_proj", H, cfg.num_key_value_heads * D, cfg.use_bias)
+        linear(f"{p}.self_attn.v_proj", H, cfg.num_key_value_heads * D, cfg.use_bias)
+        linear(f"{p}.self_attn.o_proj", cfg.num_attention_heads * D, H, cfg.use_bias)
+        keys[f"{p}.post_attention_layernorm.weight"] = (H,)
+        if cfg.is_moe_layer(i):
+            keys[f"{p}.mlp.gate.weight"] = (cfg.moe_num_experts, H)
+            keys[f"{p}.mlp.moe_statics.e_score_correction_bias"] = (1, cfg.moe_num_experts)
+            for e in range(cfg.moe_num_experts):
+                mlp(f"{p}.mlp.experts.{e}", cfg.moe_intermediate_size, bias=False)
+            if cfg.moe_num_shared_experts > 0:
+                mlp(f"{p}.mlp.shared_experts", cfg.shared_intermediate_size, cfg.use_bias)
+        else:
+            mlp(f"{p}.mlp", cfg.intermediate_size, cfg.use_bias)
+    keys["model.norm.weight"] = (H,)
+    if not cfg.tie_word_embeddings:
+        keys["lm_head.weight"] = (cfg.vocab_size, H)
+    if cfg.use_bias:
+        keys["lm_head.bias"] = (cfg.vocab_size,)
+    return keys
+
+
+def check_state_dict(cfg: ErnieMoeConfig, shapes: Mapping[str, torch.Tensor | tuple[int, ...]]) -> None:
+    """Raise `CheckpointError` naming the first missing, extra or misshaped tensor.
+
+    `shapes` maps names to tensors or to shapes, so a caller can check a checkpoint before
+    reading its data.
+    """
+    expected = expected_keys(cfg)
+    present = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in shapes.items()}
+    missing = [k for k in expected if k not in present]
+    if missing:
+        raise CheckpointError(
+            f"tensor {missing[0]!r} is missing: expected shape {list(expected[missing[0]])}"
+            + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else "")
+            + f"; config: {cfg.one_line()}"
+        )
+    extra = [k for k in present if k not in expected and IGNORED_KEY_FRAGMENT not in k]
+    if extra:
+        raise CheckpointError(
+            f"tensor {extra[0]!r} is not part of the model described by config.json"
+            + (f" ({len(extra) - 1} more unexpected)" if len(extra) > 1 else "")
+            + f"; config: {cfg.one_line()}"
+        )
+    for k, shape in expected.items():
+        if present[k] != shape:
+            raise CheckpointError(
+                f"tensor {k!r} has shape {list(present[k])}: expected {list(shape)}; config: {cfg.one_line()}"
+            )
+
+
+def read_config(path: str | Path) -> ErnieMoeConfig:
+    path = Path(path)
+    config_file = path / CONFIG_NAME
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file} is missing: a checkpoint directory needs config.json")
+    try:
+        raw = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{config_file} is not valid JSON: {e}") from e
+    return ErnieMoeConfig.from_hf(raw)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / INDEX_NAME
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: expected a 'weight_map' object")
+        files = sorted(set(weight_map.values()))
+        for f in files:
+            if not (path / f).is_file():
+                raise CheckpointError(f"{index} names shard {f!r}, which is missing")
+        return [path / f for f in files]
+    single = path / WEIGHTS_NAME
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{path} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
+
+
+def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Stream (name, tensor) pairs shard by shard, so a caller need not hold them all."""
+    for file in _weight_files(Path(path)):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of every tensor, read from the safetensors headers only."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in _weight_files(Path(path)):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def load_checkpoint(path: str | Path) -> tuple[ErnieMoeConfig, dict[str, torch.Tensor]]:
+    """Read a checkpoint directory; the tensors must be exactly those of `expected_keys(config)`."""
+    cfg = read_config(path)
+    check_state_dict(cfg, tensor_shapes(path))  # before reading any data
+    state = {k: v for k, v in iter_tensors(path) if IGNORED_KEY_FRAGMENT not in k}
+    return cfg, state
+
+
+def save_checkpoint(
+    path: str | Path,
+    cfg: ErnieMoeConfig,
+    state_dict: Mapping[str, torch.Tensor],
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """Write config.json and the safetensors files (sharded with an index past `max_shard_bytes`)."""
+    check_state_dict(cfg, state_dict)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    hf = cfg.to_hf()
+    dtypes = {t.dtype for k, t in state_dict.items() if not k.endswith(FP32_TENSOR_SUFFIXES)}
+    if len(dtypes) == 1:
+        hf["dtype"] = str(dtypes.pop()).removeprefix("torch.")
+    (path / CONFIG_NAME).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+    for stale in [*path.glob("model*.safetensors"), path / INDEX_NAME]:
+        stale.unlink(missing_ok=True)
+    # safetensors refuses views of shared storage (a tied lm_head) and non-contiguous tensors.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(path / WEIGHTS_NAME), metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / file), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def random_state_dict(cfg: ErnieMoeConfig, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Seeded weights at scales where every part of the math shows in the logits.
+
+    transformers' init (zero expert bias, unit norm weights, tiny router) would hide bugs in
+    exactly the places bridges get wrong, so:
+    - the residual stream is kept small (embeddings and output projections ~0.02), so that
+      `rms_norm_eps` changes the normalised values by far more than the comparison tolerance;
+    - norm weights are drawn in [0.5, 1.5], so swapping two norms or dropping one shows;
+    - router logits are O(1), so softmax probabilities spread, and the expert bias is of the
+      order of the gaps between probabilities, so it changes which experts win for many tokens;
+    - linear layers reading normalised input use 1/sqrt(fan_in), so activations stay O(1).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in expected_keys(cfg).items():
+        state[name] = _random_tensor(name, shape, cfg, gen).to(
+            torch.float32 if name.endswith(FP32_TENSOR_SUFFIXES) else dtype
+        )
+    return state
+
+
+def _random_tensor(name: str, shape: tuple[int, ...], cfg: ErnieMoeConfig, gen: torch.Generator) -> torch.Tensor:
+    def normal(std: float) -> torch.Tensor:
+        return torch.randn(shape, generator=gen) * std
+
+    if name.endswith("layernorm.weight") or name == "model.norm.weight":
+        return 0.5 + torch.rand(shape, generator=gen)
+    if name.endswith("e_score_correction_bias"):
+        # Of the order of the gaps between routing probabilities, which are ~1/E apart.
+        return normal(0.5 / cfg.moe_num_experts)
+    if name.endswith("mlp.gate.weight"):
+        return normal(2.0 / math.sqrt(cfg.hidden_size))
+    if name == "model.embed_tokens.weight":
+        return normal(0.02)
+    writes_residual = name.endswith(("o_proj.weight", "down_proj.weight"))
+    if name.endswith(".bias"):
+        return normal(0.005 if name.endswith(("o_proj.bias", "down_proj.bias")) else 0.1)
+    fan_in = shape[-1]
+    return normal((0.02 if writes_residual else 1.0) / math.sqrt(fan_in))
+
+
+def random_checkpoint(
+    cfg: ErnieMoeConfig,
+    path: str | Path,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> dict[str, torch.Tensor]:
+    """Write a seeded random checkpoint for `cfg` to `path`; returns the tensors written."""
+    state = random_state_dict(cfg, seed, dtype)
+    save_checkpoint(path, cfg, state, max_shard_bytes=max_shard_bytes)
+    return state
