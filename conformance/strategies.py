@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from ernie_ref import ErnieMoeConfig
 
-__all__ = ["ConfigLimits", "configs", "layer_patterns", "seeds", "Inputs", "inputs", "make_input_ids"]
+__all__ = ["ConfigLimits", "configs", "layer_patterns", "seeds", "Inputs", "inputs", "make_input_ids", "corruptions"]
 
 
 @dataclass(frozen=True)
@@ -127,3 +127,52 @@ def inputs(draw: st.DrawFn, max_batch: int = 2, max_seq_len: int = 8) -> Inputs:
         seq_len=draw(st.integers(1, max_seq_len)),
         seed=draw(seeds()),
     )
+
+
+@st.composite
+def corruptions(draw: st.DrawFn, cfg: ErnieMoeConfig) -> "Corruption":
+    """A way to make a checkpoint of `cfg` wrong: a tensor missing, extra or misshaped, or a
+    config.json field that contradicts the weights."""
+    import json
+
+    from ernie_ref import expected_keys
+
+    from .properties import Corruption
+
+    keys = expected_keys(cfg)
+    kind = draw(st.sampled_from(["missing", "extra", "misshaped", "config"]))
+    if kind == "missing":
+        return Corruption("missing", draw(st.sampled_from(sorted(keys))))
+    if kind == "misshaped":
+        name = draw(st.sampled_from(sorted(keys)))
+        shape = list(keys[name])
+        dim = draw(st.integers(0, len(shape) - 1))
+        shape[dim] += draw(st.sampled_from([-1, 1])) if shape[dim] > 1 else 1
+        return Corruption("misshaped", name, json.dumps(shape))
+    if kind == "extra":
+        H, L, E = cfg.hidden_size, cfg.num_hidden_layers, cfg.moe_num_experts
+        moe = cfg.moe_layers[0]
+        plausible = {
+            f"model.layers.{L}.input_layernorm.weight": [H],  # one layer too many
+            f"model.layers.{moe}.mlp.experts.{E}.up_proj.weight": [cfg.moe_intermediate_size, H],  # one expert too many
+            "model.layers.0.self_attn.q_proj.bias" if not cfg.use_bias else "model.layers.0.self_attn.q_norm.weight":
+                [cfg.num_attention_heads * cfg.head_dim],
+        }
+        dense = [i for i, t in enumerate(cfg.layer_types) if t == "dense"]
+        if dense:  # router weights on a layer that is dense
+            plausible[f"model.layers.{dense[0]}.mlp.gate.weight"] = [E, H]
+        name = draw(st.sampled_from(sorted(plausible)))
+        return Corruption("extra", name, json.dumps(plausible[name]))
+    changes = {
+        "vocab_size": cfg.vocab_size + 1,
+        "intermediate_size": cfg.intermediate_size + 1,
+        "moe_intermediate_size": cfg.moe_intermediate_size + 1,
+        "moe_num_experts": cfg.moe_num_experts + 1,
+        "num_hidden_layers": cfg.num_hidden_layers + 1,
+        "head_dim": cfg.head_dim + 2,
+        "tie_word_embeddings": not cfg.tie_word_embeddings,
+    }
+    if cfg.moe_num_shared_experts > 0:
+        changes["moe_num_shared_experts"] = cfg.moe_num_shared_experts + 1
+    name = draw(st.sampled_from(sorted(changes)))
+    return Corruption("config", name, json.dumps(changes[name]))

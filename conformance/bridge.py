@@ -1,0 +1,69 @@
+"""The bridge protocol: what a converter under test provides, and how `--bridge NAME` finds it."""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from ernie_ref import ErnieMoeConfig
+from ernie_ref.layout import Layout
+
+__all__ = ["Bridge", "Layout", "BridgeNotFound", "ENTRY_POINT_GROUP", "resolve_bridge", "registered_bridges"]
+
+ENTRY_POINT_GROUP = "ernie_conformance.bridges"
+
+
+@runtime_checkable
+class Bridge(Protocol):
+    """A HuggingFace <-> Megatron-Core converter for Ernie4_5_MoeForCausalLM."""
+
+    name: str
+
+    def version(self) -> str:
+        """Package version, plus git commit where known."""
+
+    def unsupported(self, config: ErnieMoeConfig) -> str | None:
+        """Why this config is declared unsupported, or None. A declared refusal is not a failure."""
+
+    def load(self, hf_dir: Path, layout: Layout) -> list[torch.nn.Module]:
+        """Build this rank's GPTModel chunk(s) from an HF checkpoint directory and load its weights.
+
+        Called inside an initialised Megatron parallel state for `layout`. Must raise on a
+        checkpoint that does not fit its config.
+        """
+
+    def export(self, chunks: list[torch.nn.Module], out_dir: Path) -> None:
+        """Write an HF checkpoint directory (config.json + safetensors) from the model."""
+
+
+class BridgeNotFound(LookupError):
+    pass
+
+
+def registered_bridges() -> dict[str, str]:
+    """Registered bridge names -> their `module:attribute` targets."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def resolve_bridge(name: str) -> Bridge:
+    """A registered name, or an import path `package.module:attribute` (a class or an instance)."""
+    target = registered_bridges().get(name, name)
+    if ":" not in target:
+        raise BridgeNotFound(
+            f"--bridge {name!r}: not a registered bridge ({', '.join(sorted(registered_bridges())) or 'none'}) "
+            "and not an import path of the form package.module:attribute"
+        )
+    module_name, _, attribute = target.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as e:
+        raise BridgeNotFound(f"--bridge {name!r}: cannot import {target!r}: {e}") from e
+    bridge = obj() if isinstance(obj, type) else obj
+    missing = [m for m in ("name", "version", "unsupported", "load", "export") if not hasattr(bridge, m)]
+    if missing:
+        raise BridgeNotFound(f"--bridge {name!r}: {target} lacks {', '.join(missing)} of the bridge protocol")
+    return bridge

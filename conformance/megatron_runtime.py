@@ -1,0 +1,760 @@
+"""Run Megatron-Core's ``GPTModel`` on CPU in a plain (non-CUDA) PyTorch process.
+
+Megatron-Core assumes a CUDA device in a handful of places even when
+``use_cpu_initialization=True`` and every fusion is turned off.  This module
+collects the minimal set of runtime patches needed to build a ``GPTModel`` with
+the *local* (non Transformer-Engine) layer spec and to run forward and backward
+on CPU, with ``torch.distributed`` on the gloo backend.
+
+Public API
+----------
+``apply_cpu_patches()``
+    One idempotent call that installs every patch.  Patches are applied **only
+    when ``torch.cuda.is_available()`` is False**: on a machine with a usable GPU
+    the call is a no-op, so CUDA behaviour is never altered.  Patches 1-8 each
+    turn a code path that would raise on a CUDA-less machine into its CPU
+    equivalent; patch 9 swaps ``torch.compile`` (Megatron's ``jit_fuser``) for eager
+    execution (no C++ toolchain needed, no per-shape recompiles).
+``init_process_group_once(world_size=1, rank=0)``
+    gloo process group on loopback; no-op if already initialised.
+``init_model_parallel(tp, pp, ep, vpp, seed)`` / ``destroy_model_parallel()``
+    (Re-)initialise Megatron's model-parallel state and RNG tracker cheaply, so
+    one process can re-initialise per test example without respawning.
+``causal_mask(seq_len)``
+    Explicit bool mask ``[1, 1, s, s]``, True = masked.  Pass it to
+    ``GPTModel.forward(attention_mask=...)``: Megatron's own default causal mask
+    is created with ``device="cuda"``.
+``megatron_core_version()``
+
+Patches are guarded by feature detection (attribute presence), not version
+strings, and each records what it replaced in ``_APPLIED_PATCHES``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import importlib
+import inspect
+import os
+import socket
+import sys
+import threading
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+__all__ = [
+    "apply_cpu_patches",
+    "init_process_group_once",
+    "init_model_parallel",
+    "destroy_model_parallel",
+    "causal_mask",
+    "megatron_core_version",
+    "pick_free_port",
+    "applied_patches",
+]
+
+_CPU = torch.device("cpu")
+_LOCK = threading.RLock()
+_PATCHED = False
+# name -> one-line description of each patch that was actually installed
+_APPLIED_PATCHES: dict[str, str] = {}
+# process groups that existed before init_model_parallel created Megatron's groups
+_PG_SNAPSHOT: set[Any] | None = None
+
+
+# --------------------------------------------------------------------------------------
+# small helpers
+# --------------------------------------------------------------------------------------
+
+
+def megatron_core_version() -> str:
+    """Installed megatron-core version string (e.g. ``"0.16.1"``)."""
+    try:
+        from importlib.metadata import version
+
+        return version("megatron-core")
+    except Exception:  # pragma: no cover - metadata missing (editable/odd installs)
+        import megatron.core
+
+        return str(getattr(megatron.core, "__version__", "unknown"))
+
+
+def applied_patches() -> dict[str, str]:
+    """Copy of the patches installed by :func:`apply_cpu_patches` (name -> why)."""
+    return dict(_APPLIED_PATCHES)
+
+
+def causal_mask(seq_len: int) -> torch.Tensor:
+    """Causal attention mask ``[1, 1, s, s]`` (bool, True = masked, i.e. key j > query i).
+
+    Megatron's ``get_default_causal_mask`` hard-codes ``device="cuda"``; the local
+    ``DotProductAttention`` accepts this explicit mask instead (it broadcasts over batch
+    and heads).
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    return torch.ones(seq_len, seq_len, dtype=torch.bool).triu(diagonal=1)[None, None]
+
+
+def pick_free_port(host: str = "127.0.0.1") -> int:
+    """Ask the OS for a currently free TCP port on ``host``.
+
+    Only needed for world size > 1, where a launcher must tell every rank the same port
+    (set ``MASTER_PORT`` before spawning).  World size 1 never needs it: the store
+    binds port 0 itself.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _record(name: str, why: str) -> None:
+    _APPLIED_PATCHES[name] = why
+
+
+# --------------------------------------------------------------------------------------
+# CPU stand-ins
+# --------------------------------------------------------------------------------------
+
+
+def _cpu_current_device() -> torch.device:
+    """Stand-in for ``torch.cuda.current_device()`` when no GPU exists: the CPU device."""
+    return _CPU
+
+
+def _cpu_get_rng_state(
+    device: Any = "cuda", clone: bool = False, graph_safe: bool = False
+) -> torch.Tensor:
+    """Stand-in for Megatron's ``_get_cuda_rng_state``: the CPU default generator's state.
+
+    On CPU every random op (dropout, init) draws from the CPU default generator, so it
+    plays the role of "the current device generator".
+    """
+    del device, clone, graph_safe
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+    """Stand-in for Megatron's ``_set_cuda_rng_state`` on the CPU default generator."""
+    del device, graph_safe
+    torch.set_rng_state(new_state)
+
+
+def _make_cpu_tracker_class(base: type, default_name: str) -> type:
+    """Subclass Megatron's ``CudaRNGStatesTracker`` so that named states live in CPU
+    generator states.
+
+    Only ``add`` and ``fork`` touch CUDA in the base class; ``reset`` /
+    ``get_states`` / ``set_states`` / ``is_initialized`` are inherited unchanged.
+    """
+
+    class CpuRNGStatesTracker(base):  # type: ignore[misc, valid-type]
+        """Megatron RNG tracker whose named states are CPU generator states."""
+
+        _is_cpu_stand_in = True
+
+        def add(self, name: str, seed: int) -> None:
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(seed)
+            self.states_[name] = gen.get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name: str = default_name) -> Iterator[None]:
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer_state = torch.get_rng_state()
+            outer_name = getattr(self, "_current_state_name", "default-rng")
+            if outer_name != "default-rng":
+                self.states_[outer_name] = outer_state
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                if outer_name != "default-rng":
+                    outer_state = self.states_[outer_name]
+                torch.set_rng_state(outer_state)
+                self._current_state_name = outer_name
+
+    CpuRNGStatesTracker.__qualname__ = CpuRNGStatesTracker.__name__
+    return CpuRNGStatesTracker
+
+
+class _NullEvent:
+    """Minimal stand-in for ``torch.cuda.Event``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        del args, kwargs
+
+    def record(self, stream: Any = None) -> None:
+        del stream
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        del stream
+
+    def query(self) -> bool:
+        return True
+
+
+class _NullStream:
+    """Minimal stand-in for ``torch.cuda.Stream`` (CPU work is synchronous)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        del args, kwargs
+
+    def wait_stream(self, other: Any) -> None:
+        del other
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> Any:
+        return event if event is not None else _NullEvent()
+
+    def wait_event(self, event: Any) -> None:
+        del event
+
+    def query(self) -> bool:
+        return True
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _NullStream)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+_NULL_STREAM = _NullStream()
+
+
+def _cpu_synchronize(device: Any = None) -> None:
+    del device
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device == "cuda" or device.startswith("cuda:")
+    return False
+
+
+class _CudaToCpuDevices(TorchFunctionMode):
+    """Torch function mode that turns ``device="cuda"`` arguments into the CPU device.
+
+    Used only around Megatron's pipeline schedules, which allocate a token counter with
+    a hard-coded ``device="cuda"``.
+    """
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs = {**kwargs, "device": _CPU}
+        return func(*args, **kwargs)
+
+
+def _cpu_current_stream(device: Any = None) -> _NullStream:
+    del device
+    return _NULL_STREAM
+
+
+@contextlib.contextmanager
+def _cpu_stream_ctx(stream: Any = None) -> Iterator[None]:
+    del stream
+    yield
+
+
+# --------------------------------------------------------------------------------------
+# patch installation
+# --------------------------------------------------------------------------------------
+
+
+def _set_attr(obj: Any, name: str, value: Any, patch_name: str, why: str) -> None:
+    setattr(obj, name, value)
+    _record(patch_name, why)
+
+
+def _patch_torch_cuda() -> None:
+    # (1) torch.cuda.current_device(): Megatron passes it as `device=` when allocating
+    #     (router buffers such as expert_bias, rotary inv_freq move, TP gather buffers,
+    #     GlobalMemoryBuffer, RouterGating weight "move to GPU" in Router.gating).  On a
+    #     CUDA-less torch it raises; returning the CPU device turns every such
+    #     allocation/move into a CPU one.  torch.cuda is only touched when CUDA is
+    #     unavailable, where the original could only raise.
+    _set_attr(
+        torch.cuda,
+        "current_device",
+        _cpu_current_device,
+        "torch.cuda.current_device",
+        "returns torch.device('cpu') instead of raising (device= for Megatron allocations)",
+    )
+    # (2) torch.cuda.current_stream / stream() / Stream: used by the alltoall token dispatcher
+    #     (D2H side stream) and shared-expert overlap.  CPU ops are synchronous, so a
+    #     no-op stream object and a null context manager are exact stand-ins.
+    _set_attr(
+        torch.cuda,
+        "current_stream",
+        _cpu_current_stream,
+        "torch.cuda.current_stream",
+        "returns a no-op stream object (alltoall dispatcher / shared-expert overlap)",
+    )
+    _set_attr(
+        torch.cuda,
+        "stream",
+        _cpu_stream_ctx,
+        "torch.cuda.stream",
+        "null context manager instead of a CUDA stream context",
+    )
+    _set_attr(
+        torch.cuda,
+        "Stream",
+        _NullStream,
+        "torch.cuda.Stream",
+        "no-op stream class (MoEAlltoAllTokenDispatcher.cuda_dtoh_stream)",
+    )
+    # (3) torch.cuda.synchronize(): called after pipeline p2p batch_isend_irecv.  CPU (gloo)
+    # ops have completed once req.wait() returned, so a no-op is exact.
+    _set_attr(
+        torch.cuda,
+        "synchronize",
+        _cpu_synchronize,
+        "torch.cuda.synchronize",
+        "no-op (pipeline p2p communication)",
+    )
+
+
+def _patch_rng_tracker() -> None:
+    rnd = importlib.import_module("megatron.core.tensor_parallel.random")
+    base = getattr(rnd, "CudaRNGStatesTracker", None)
+    if base is None or getattr(base, "_is_cpu_stand_in", False):
+        return
+    cpu_cls = _make_cpu_tracker_class(
+        base, getattr(rnd, "_MODEL_PARALLEL_RNG_TRACKER_NAME", "model-parallel-rng")
+    )
+    # (4) initialize_rng_tracker() looks the tracker class up by this module-global
+    #     name at call time, so every tracker Megatron creates from now on (including
+    #     model_parallel_cuda_manual_seed(force_reset_rng=True) and the inference
+    #     tracker subclass) keeps its named states as CPU generator states instead of
+    #     calling torch.cuda.get_rng_state / manual_seed.  isinstance checks against the
+    #     name still hold (it is a subclass).
+    _set_attr(
+        rnd,
+        "CudaRNGStatesTracker",
+        cpu_cls,
+        "tensor_parallel.random.CudaRNGStatesTracker",
+        "subclass whose add()/fork() use CPU generator states",
+    )
+    # If a tracker instance already exists (created before patching), drop it so the
+    # next get_cuda_rng_tracker() builds a CPU one.
+    if getattr(rnd, "_CUDA_RNG_STATE_TRACKER", None) is not None and not isinstance(
+        rnd._CUDA_RNG_STATE_TRACKER, cpu_cls
+    ):
+        rnd._CUDA_RNG_STATE_TRACKER = None
+        rnd._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
+    # (5) _get_cuda_rng_state/_set_cuda_rng_state: used by activation recompute
+    #     (tensor_parallel.checkpoint / CheckpointFunction) to save and replay the device
+    #     RNG; on CPU the device generator *is* the CPU default generator.
+    if hasattr(rnd, "_get_cuda_rng_state"):
+        _set_attr(
+            rnd,
+            "_get_cuda_rng_state",
+            _cpu_get_rng_state,
+            "tensor_parallel.random._get_cuda_rng_state",
+            "returns the CPU generator state (activation recompute)",
+        )
+    if hasattr(rnd, "_set_cuda_rng_state"):
+        _set_attr(
+            rnd,
+            "_set_cuda_rng_state",
+            _cpu_set_rng_state,
+            "tensor_parallel.random._set_cuda_rng_state",
+            "sets the CPU generator state (activation recompute)",
+        )
+
+
+def _patch_moe_utils() -> None:
+    try:
+        moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    except ImportError:  # pragma: no cover - very old megatron without MoE
+        return
+    # (6) Without Transformer Engine the `from ...transformer_engine import (...)` block
+    #     fails and these names are never bound, yet RouterGatingLinearFunction tests
+    #     `te_general_gemm is not None` -> NameError.  Binding the missing names to None
+    #     selects the plain torch.mm path (the fused_* ones are additionally guarded by
+    #     HAVE_TE).  Only names that are missing are bound; nothing is overwritten.
+    names = (
+        "te_general_gemm",
+        "fused_compute_score_for_moe_aux_loss",
+        "fused_moe_aux_loss",
+        "fused_permute",
+        "fused_permute_with_probs",
+        "fused_sort_chunks_by_index",
+        "fused_sort_chunks_by_index_with_probs",
+        "fused_topk_with_score_function",
+        "fused_unpermute",
+    )
+    missing = [n for n in names if n not in vars(moe_utils)]
+    for n in missing:
+        setattr(moe_utils, n, None)
+    if missing:
+        _record(
+            "moe_utils.<TE names>",
+            "bound missing TE-only names to None: " + ", ".join(missing),
+        )
+
+
+def _patch_alltoall_dispatcher() -> None:
+    try:
+        td = importlib.import_module("megatron.core.transformer.moe.token_dispatcher")
+    except ImportError:  # pragma: no cover
+        return
+    original = getattr(td, "maybe_move_tensor_to_cpu", None)
+    if original is None or getattr(original, "_cpu_stand_in", False):
+        return
+
+    # (7) The alltoall dispatcher turns its split sizes (input_splits, output_splits,
+    #     output_splits_tp) into host numpy arrays with
+    #     maybe_move_tensor_to_cpu(t, as_numpy=True), which only converts tensors that are
+    #     on CUDA.  On CPU they would stay torch tensors and reach all_to_all_single /
+    #     `sum(...)` as tensors; this wrapper also converts CPU tensors when a numpy array
+    #     was asked for.  Patched in the dispatcher's namespace only (it imported the name).
+    def maybe_move_tensor_to_cpu(
+        tensor: Any, as_numpy: bool = False, record_stream: bool = False
+    ) -> Any:
+        out = original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+        if as_numpy and isinstance(out, torch.Tensor):
+            out = out.detach().cpu().numpy()
+        return out
+
+    maybe_move_tensor_to_cpu._cpu_stand_in = True  # type: ignore[attr-defined]
+    maybe_move_tensor_to_cpu.__wrapped__ = original  # type: ignore[attr-defined]
+    _set_attr(
+        td,
+        "maybe_move_tensor_to_cpu",
+        maybe_move_tensor_to_cpu,
+        "token_dispatcher.maybe_move_tensor_to_cpu",
+        "as_numpy=True also converts CPU tensors (alltoall split sizes must be host arrays)",
+    )
+
+
+def _patch_pipeline_schedules() -> None:
+    try:
+        sched = importlib.import_module("megatron.core.pipeline_parallel.schedules")
+    except ImportError:  # pragma: no cover
+        return
+    # (8) Every forward_backward_* schedule allocates
+    #     `torch.zeros([], dtype=torch.int, device="cuda")` (token counter).  A string
+    #     device cannot be redirected through torch.cuda.current_device, so the schedule
+    #     functions run under a torch-function mode that maps device="cuda" to the CPU.
+    #     get_forward_backward_func() looks these names up in the module at call time.
+    names = [
+        n
+        for n in (
+            "forward_backward_no_pipelining",
+            "forward_backward_pipelining_with_interleaving",
+            "forward_backward_pipelining_without_interleaving",
+        )
+        if callable(getattr(sched, n, None))
+        and not getattr(getattr(sched, n), "_cpu_stand_in", False)
+    ]
+    for n in names:
+        fn = getattr(sched, n)
+
+        def wrapper(*args: Any, __fn: Callable[..., Any] = fn, **kwargs: Any) -> Any:
+            with _CudaToCpuDevices():
+                return __fn(*args, **kwargs)
+
+        functools.update_wrapper(wrapper, fn)
+        wrapper._cpu_stand_in = True  # type: ignore[attr-defined]
+        setattr(sched, n, wrapper)
+    if names:
+        _record(
+            "pipeline_parallel.schedules.forward_backward_*",
+            "run under a torch-function mode mapping device='cuda' to CPU: " + ", ".join(names),
+        )
+
+
+def _eager(obj: Any) -> Any:
+    """The eager original of a ``torch.compile``-wrapped function, else ``None``."""
+    orig = getattr(obj, "_torchdynamo_orig_callable", None)
+    return orig if callable(orig) else None
+
+
+def _patch_jit_fuser() -> None:
+    try:
+        jit = importlib.import_module("megatron.core.jit")
+    except ImportError:  # pragma: no cover
+        return
+    # (9) megatron.core.jit.jit_fuser is torch.compile on torch >= 2.2.  It decorates e.g.
+    #     TopKRouter._apply_expert_bias and the MoE experts' activation-with-probs.  On CPU
+    #     that means an inductor C++ compile (needs a toolchain; ~1.4 s on the first
+    #     forward of every process, recompiles for every new token count, slightly
+    #     different rounding from eager).  Replace it by megatron's own no-op decorator
+    #     for modules imported later, rebind the name in already-imported megatron modules
+    #     (functions decorated at construction time look it up there), and swap
+    #     already-compiled module functions / class attributes back to their eager
+    #     originals.
+    noop = getattr(jit, "noop_decorator", None) or (lambda f: f)
+    if getattr(jit, "jit_fuser", None) is not noop:
+        jit.jit_fuser = noop
+    count = 0
+    for name, mod in list(sys.modules.items()):
+        if mod is None or not (name == "megatron.core" or name.startswith("megatron.core.")):
+            continue
+        mod_vars = vars(mod)
+        if "jit_fuser" in mod_vars and mod_vars["jit_fuser"] is not noop:
+            mod.jit_fuser = noop
+        for attr, obj in list(mod_vars.items()):
+            orig = _eager(obj)
+            if orig is not None:
+                setattr(mod, attr, orig)
+                count += 1
+            elif isinstance(obj, type) and getattr(obj, "__module__", None) == name:
+                for cattr, cobj in list(vars(obj).items()):
+                    if isinstance(cobj, (staticmethod, classmethod)):
+                        corig = _eager(cobj.__func__)
+                        if corig is not None:
+                            setattr(obj, cattr, type(cobj)(corig))
+                            count += 1
+                        continue
+                    corig = _eager(cobj)
+                    if corig is not None:
+                        setattr(obj, cattr, corig)
+                        count += 1
+    _record(
+        "megatron.core.jit.jit_fuser",
+        f"torch.compile -> no-op decorator; {count} compiled megatron functions set back to eager",
+    )
+
+
+def apply_cpu_patches() -> None:
+    """Install every CPU patch once (idempotent, thread-safe).
+
+    Does nothing when ``torch.cuda.is_available()`` is True: on a machine with a usable
+    GPU Megatron's CUDA paths are left untouched.  Call it before building any Megatron
+    module (it imports the megatron-core modules it patches).
+    """
+    global _PATCHED
+    with _LOCK:
+        if _PATCHED:
+            return
+        if torch.cuda.is_available():
+            _PATCHED = True
+            return
+        _patch_torch_cuda()
+        _patch_rng_tracker()
+        _patch_moe_utils()
+        _patch_alltoall_dispatcher()
+        _patch_pipeline_schedules()
+        _patch_jit_fuser()
+        _PATCHED = True
+
+
+# --------------------------------------------------------------------------------------
+# process group / model parallel state
+# --------------------------------------------------------------------------------------
+
+
+def _loopback_gloo_env() -> None:
+    """Make gloo use the loopback interface unless the user chose one already."""
+    if "GLOO_SOCKET_IFNAME" in os.environ:
+        return
+    if sys.platform.startswith("linux") and os.path.exists("/sys/class/net/lo"):
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    elif sys.platform == "darwin":
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo0"
+
+
+def init_process_group_once(world_size: int = 1, rank: int = 0) -> None:
+    """Initialise the default ``torch.distributed`` process group (gloo, loopback).
+
+    No-op if a default group already exists.  For ``world_size == 1`` the TCP store binds
+    port 0 and the OS picks a free port (no race).  For ``world_size > 1`` every rank must
+    see the same ``MASTER_PORT`` (and optionally ``MASTER_ADDR``, default 127.0.0.1) in its
+    environment -- e.g. the parent sets ``MASTER_PORT=str(pick_free_port())`` before
+    ``torch.multiprocessing.spawn``; rank 0 hosts the store.
+    """
+    if dist.is_initialized():
+        return
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad world_size/rank: {world_size}/{rank}")
+    _loopback_gloo_env()
+    timeout = datetime.timedelta(minutes=5)
+    if world_size == 1:
+        host, port = "127.0.0.1", 0
+    else:
+        host = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            raise RuntimeError(
+                "world_size > 1 needs MASTER_PORT in the environment of every rank "
+                "(the launcher can use pick_free_port())"
+            )
+        port = int(os.environ["MASTER_PORT"])
+    store = dist.TCPStore(
+        host, port, world_size, is_master=(rank == 0), timeout=timeout, wait_for_workers=False
+    )
+    dist.init_process_group(
+        backend="gloo", store=store, rank=rank, world_size=world_size, timeout=timeout
+    )
+
+
+def _process_groups() -> set[Any]:
+    """Every live process group object (private torch API; empty set if unavailable)."""
+    world = getattr(dist.distributed_c10d, "_world", None)
+    pg_map = getattr(world, "pg_map", None)
+    if pg_map is None:
+        return set()
+    return set(pg_map.keys())
+
+
+# Process groups Megatron asked for, kept for the life of the default group and handed
+# out again on re-initialisation.  Key: the new_group() arguments.  A gloo group owns two
+# C++ worker threads and takes ~5-10 ms to free, and initialize_model_parallel creates
+# ~17 of them even at world size 1, so destroying and recreating them per test example
+# would dominate re-initialisation time (and back up thread teardown).
+_PG_POOL: dict[tuple[Any, ...], Any] = {}
+_PG_POOL_OWNER: Any = None  # the default group the pool belongs to
+
+
+def _pool_key(kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    ranks = kwargs.get("ranks")
+    timeout = kwargs.get("timeout")
+    return (
+        tuple(int(r) for r in ranks) if ranks is not None else None,
+        str(kwargs.get("backend")),
+        kwargs.get("group_desc"),
+        bool(kwargs.get("use_local_synchronization", False)),
+        repr(kwargs.get("pg_options")),
+        timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else timeout,
+    )
+
+
+@contextlib.contextmanager
+def _pooled_new_group() -> Iterator[None]:
+    """While Megatron initialises, serve ``torch.distributed.new_group`` from the pool.
+
+    Scoped to the ``initialize_model_parallel`` call: ``torch.distributed.new_group`` is
+    restored on exit.  Every rank runs the same deterministic sequence of new_group calls
+    (a collective), so every rank hits or misses the pool identically.
+    """
+    global _PG_POOL_OWNER
+    default = dist.distributed_c10d._get_default_group()
+    if _PG_POOL_OWNER is not default:
+        _PG_POOL.clear()
+        _PG_POOL_OWNER = default
+    original = dist.new_group
+
+    def new_group(*args: Any, **kwargs: Any) -> Any:
+        if args:  # positional use: bind to names so the key is well defined
+            bound = inspect.signature(original).bind_partial(*args, **kwargs)
+            kwargs = dict(bound.arguments)
+        key = _pool_key(kwargs)
+        group = _PG_POOL.get(key)
+        live = _process_groups()
+        if group is not None and (group in live or group is dist.GroupMember.NON_GROUP_MEMBER):
+            return group
+        group = original(**kwargs)
+        _PG_POOL[key] = group
+        return group
+
+    dist.new_group = new_group
+    try:
+        yield
+    finally:
+        dist.new_group = original
+
+
+def destroy_model_parallel() -> None:
+    """Tear down Megatron's model-parallel state (safe to call when none exists).
+
+    Calls Megatron's ``destroy_model_parallel`` and resets the RNG tracker.  The process
+    groups Megatron obtained through :func:`init_model_parallel` stay in a per-process pool
+    for reuse; any other group created during initialisation is destroyed here.
+    """
+    global _PG_SNAPSHOT
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    rnd = importlib.import_module("megatron.core.tensor_parallel.random")
+    tracker = getattr(rnd, "_CUDA_RNG_STATE_TRACKER", None)
+    if tracker is not None:
+        tracker.reset()
+    if _PG_SNAPSHOT is not None and dist.is_initialized():
+        default = dist.distributed_c10d._get_default_group()
+        pooled = {id(g) for g in _PG_POOL.values()}
+        for pg in _process_groups() - _PG_SNAPSHOT:
+            if pg is default or id(pg) in pooled:
+                continue
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group(pg)
+    _PG_SNAPSHOT = None
+
+
+def _supported_kwargs(fn: Callable[..., Any], wanted: dict[str, Any]) -> dict[str, Any]:
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in wanted.items() if k in params}
+
+
+def init_model_parallel(tp: int, pp: int, ep: int, vpp: int | None, seed: int) -> None:
+    """(Re-)initialise Megatron's model-parallel state, then seed all RNGs.
+
+    Destroys any existing model-parallel state first (see :func:`destroy_model_parallel`),
+    so a test process may call this once per example.  Requires the default process group
+    (:func:`init_process_group_once`).  ``world_size`` must be a multiple of
+    ``tp * pp`` and of ``tp * ep`` (expert TP defaults to ``tp``; context parallel is 1).
+
+    Process groups are reused across calls (see ``_pooled_new_group``): the first call at
+    world size 1 takes ~10 ms (17 gloo groups), later ones ~0.5 ms and create no threads.
+    With world size > 1 every rank must make the same sequence of calls (group creation
+    is collective).
+
+    Seeding: ``torch.manual_seed(seed)`` (Megatron's CPU initialisation draws weights from
+    the CPU default generator) and ``model_parallel_cuda_manual_seed(seed)``, which adds the
+    data-parallel, model-parallel (seed + 2718 + tp_rank) and expert-parallel states to the
+    RNG tracker (CPU-backed after :func:`apply_cpu_patches`).
+    """
+    global _PG_SNAPSHOT
+    from megatron.core import parallel_state, tensor_parallel
+
+    if not dist.is_initialized():
+        raise RuntimeError("call init_process_group_once() first")
+    destroy_model_parallel()
+    _PG_SNAPSHOT = _process_groups()
+    kwargs = _supported_kwargs(
+        parallel_state.initialize_model_parallel,
+        {
+            "tensor_model_parallel_size": tp,
+            "pipeline_model_parallel_size": pp,
+            "virtual_pipeline_model_parallel_size": vpp,
+            "expert_model_parallel_size": ep,
+            # The backend already is gloo, so Megatron's *extra* gloo copies of the
+            # data-parallel groups would only add groups.
+            "create_gloo_process_groups": False,
+        },
+    )
+    with _LOCK, _pooled_new_group():
+        parallel_state.initialize_model_parallel(**kwargs)
+    torch.manual_seed(seed)
+    seed_fn = tensor_parallel.model_parallel_cuda_manual_seed
+    seed_fn(seed, **_supported_kwargs(seed_fn, {"force_reset_rng": True}))

@@ -1,0 +1,316 @@
+"""The conformance properties, as plain functions of (bridge, case, working directory).
+
+Each raises `PropertyFailure` with a message that can be read without the test: the property,
+the config in one line, the seeds and layout, and the first tensor or layer that differs with
+its error. The pytest modules of the suite (`conformance/suite/`) draw cases and call these.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ernie_ref import ErnieMoeConfig, ErnieMoeForCausalLM, Trace, random_checkpoint
+from ernie_ref.checkpoint import CONFIG_NAME, iter_tensors, read_config
+from ernie_ref.layout import Layout
+
+from .bridge import Bridge
+from .hf_transformers import load_transformers_model, run_transformers
+from .megatron_runtime import init_model_parallel
+from .megatron_trace import megatron_trace
+from .numerics import FP32_RTOL, ROUTING_MARGIN, relative_error
+from .strategies import Inputs
+
+__all__ = [
+    "Case",
+    "PropertyFailure",
+    "NearTie",
+    "write_checkpoint",
+    "load_bridge_model",
+    "check_import",
+    "check_round_trip",
+    "check_equivalence",
+    "check_interop",
+    "check_refusal",
+    "Corruption",
+    "corrupt_checkpoint",
+    "diff_checkpoints",
+]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One drawn example: everything needed to rebuild it exactly."""
+
+    config: ErnieMoeConfig
+    weights_seed: int
+    inputs: Inputs
+    layout: Layout = Layout()
+
+    def describe(self) -> str:
+        return (
+            f"config: {self.config.one_line()}\n"
+            f"  weights seed {self.weights_seed}, layout {self.layout}, "
+            f"inputs batch {self.inputs.batch} x seq {self.inputs.seq_len} seed {self.inputs.seed}"
+        )
+
+
+class PropertyFailure(AssertionError):
+    def __init__(self, prop: str, case: Case, detail: str):
+        self.prop, self.case, self.detail = prop, case, detail
+        super().__init__(f"[{prop}] {detail}\n  {case.describe()}")
+
+
+class NearTie(Exception):
+    """The oracle's routing has a near-tie: the example says nothing about the bridge."""
+
+
+# Seeds for Megatron's own initialisation; two different ones reveal parameters left unloaded.
+INIT_SEEDS = (1234, 4321)
+
+
+def write_checkpoint(case: Case, hf_dir: Path) -> dict[str, torch.Tensor]:
+    return random_checkpoint(case.config, hf_dir, seed=case.weights_seed)
+
+
+def load_bridge_model(bridge: Bridge, case: Case, hf_dir: Path, init_seed: int = INIT_SEEDS[0]) -> list[torch.nn.Module]:
+    layout = case.layout
+    init_model_parallel(layout.tp, layout.pp, layout.ep, layout.vpp if layout.vpp > 1 else None, seed=init_seed)
+    torch.manual_seed(init_seed)
+    return bridge.load(hf_dir, case.layout)
+
+
+def _named_state(chunks: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers of every chunk, keyed `chunk<i>.<name>`."""
+    state = {}
+    for i, chunk in enumerate(chunks):
+        for name, value in chunk.state_dict(keep_vars=False).items():
+            if isinstance(value, torch.Tensor) and not name.endswith("_extra_state"):
+                state[f"chunk{i}.{name}"] = value.detach().clone()
+    return state
+
+
+# ---------------------------------------------------------------------------- 1. import
+def check_import(bridge: Bridge, case: Case, hf_dir: Path) -> None:
+    """Every parameter and persistent buffer is set from the checkpoint.
+
+    Two loads under different init seeds must agree everywhere (what differs kept its random
+    init), and no tensor may be constant where the checkpoint has no constant tensor (what is
+    constant kept a constant init such as ones for norms or zeros for the expert bias).
+    """
+    first = _named_state(load_bridge_model(bridge, case, hf_dir, INIT_SEEDS[0]))
+    second = _named_state(load_bridge_model(bridge, case, hf_dir, INIT_SEEDS[1]))
+    for name, a in first.items():
+        b = second.get(name)
+        if b is None or a.shape != b.shape or not torch.equal(a, b):
+            raise PropertyFailure(
+                "import", case,
+                f"{name} {list(a.shape)} differs between two loads under init seeds {INIT_SEEDS}: "
+                f"it was not set from the checkpoint (max diff {(a.float() - b.float()).abs().max().item() if b is not None and a.shape == b.shape else 'n/a'})",
+            )
+    for name, a in first.items():
+        if a.numel() > 1 and a.is_floating_point() and torch.all(a == a.flatten()[0]):
+            raise PropertyFailure(
+                "import", case,
+                f"{name} {list(a.shape)} is constant ({a.flatten()[0].item():g} everywhere): it kept its "
+                "initial value, while every tensor of the checkpoint is random",
+            )
+
+
+# ---------------------------------------------------------------------------- 2. round trip
+@dataclass
+class CheckpointDiff:
+    """How two checkpoint directories differ, grouped by kind."""
+
+    config: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    shape: list[str] = field(default_factory=list)
+    dtype: list[str] = field(default_factory=list)
+    value: list[tuple[str, float]] = field(default_factory=list)  # (name, max abs difference)
+
+    def __bool__(self) -> bool:
+        return any((self.config, self.missing, self.extra, self.shape, self.dtype, self.value))
+
+    def summary(self, limit: int = 3) -> str:
+        parts = []
+        for kind in ("config", "missing", "extra", "shape", "dtype"):
+            items = getattr(self, kind)
+            if items:
+                more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
+                parts.append(f"{kind}: {', '.join(items[:limit])}{more}")
+        if self.value:
+            worst = sorted(self.value, key=lambda nv: -nv[1])
+            more = f" (+{len(worst) - limit} more)" if len(worst) > limit else ""
+            parts.append("value: " + ", ".join(f"{n} (max abs diff {d:.3g})" for n, d in worst[:limit]) + more)
+        return "; ".join(parts)
+
+
+def diff_checkpoints(expected_dir: Path, actual_dir: Path) -> CheckpointDiff:
+    diff = CheckpointDiff()
+    expected_cfg = read_config(expected_dir)
+    try:
+        actual_cfg = read_config(actual_dir)
+    except ValueError as e:
+        diff.config.append(f"exported config.json unreadable: {e}")
+    else:
+        for name in expected_cfg.__dataclass_fields__:
+            if name in ("extra", "defaulted"):
+                continue
+            a, b = getattr(actual_cfg, name), getattr(expected_cfg, name)
+            if a != b:
+                diff.config.append(f"{name}={a!r} (expected {b!r})")
+    expected = dict(iter_tensors(expected_dir))
+    actual = dict(iter_tensors(actual_dir))
+    diff.missing = [k for k in expected if k not in actual]
+    diff.extra = [k for k in actual if k not in expected]
+    for name, e in expected.items():
+        a = actual.get(name)
+        if a is None:
+            continue
+        if a.shape != e.shape:
+            diff.shape.append(f"{name} {list(a.shape)} (expected {list(e.shape)})")
+        elif a.dtype != e.dtype:
+            diff.dtype.append(f"{name} {a.dtype} (expected {e.dtype})")
+        elif not torch.equal(a, e):
+            diff.value.append((name, (a.double() - e.double()).abs().max().item()))
+    return diff
+
+
+def check_round_trip(bridge: Bridge, case: Case, hf_dir: Path, out_dir: Path) -> None:
+    """export(load(checkpoint)) is the checkpoint: names, shapes, dtypes, bits, and the config."""
+    chunks = load_bridge_model(bridge, case, hf_dir)
+    bridge.export(chunks, out_dir)
+    if not (out_dir / CONFIG_NAME).is_file():
+        raise PropertyFailure("round_trip", case, f"export wrote no {CONFIG_NAME} into {out_dir}")
+    diff = diff_checkpoints(hf_dir, out_dir)
+    if diff:
+        raise PropertyFailure("round_trip", case, f"exported checkpoint differs from the original: {diff.summary()}")
+
+
+# ---------------------------------------------------------------------------- 3. equivalence
+def oracle_trace(case: Case, hf_dir: Path) -> Trace:
+    """The oracle's trace; raises NearTie when a routing decision is too close to call."""
+    trace = ErnieMoeForCausalLM.from_pretrained(hf_dir)(case.inputs.input_ids(case.config.vocab_size), trace=True)
+    margins = [layer.routing.margin.min().item() for layer in trace.layers if layer.routing is not None]
+    if min(margins, default=math.inf) < ROUTING_MARGIN:
+        raise NearTie(f"routing margin {min(margins):.3g} < {ROUTING_MARGIN}")
+    return trace
+
+
+def first_divergence(actual: Trace, expected: Trace, cfg: ErnieMoeConfig) -> str | None:
+    """The first stage, in forward order, where `actual` departs from the oracle; None if none does."""
+
+    def stage(name: str, a: torch.Tensor, e: torch.Tensor) -> str | None:
+        if a.shape != e.shape:
+            return f"{name}: shape {list(a.shape)}, expected {list(e.shape)}"
+        err = relative_error(a, e)
+        return f"{name}: relative error {err:.3g} > {FP32_RTOL}" if err > FP32_RTOL else None
+
+    if (msg := stage("embedding", actual.embeddings, expected.embeddings)) is not None:
+        return msg
+    if len(actual.layers) != len(expected.layers):
+        return f"decoder: {len(actual.layers)} layers, expected {len(expected.layers)}"
+    for i, (a, e) in enumerate(zip(actual.layers, expected.layers)):
+        kind = cfg.layer_types[i]
+        if (msg := stage(f"layer {i} ({kind}) attention", a.after_attention, e.after_attention)) is not None:
+            return msg
+        if (a.routing is None) != (e.routing is None):
+            return f"layer {i}: {'has' if a.routing is not None else 'lacks'} a router, expected a {kind} layer"
+        if e.routing is not None:
+            ours, theirs = a.routing.expert_ids.sort(-1).values, e.routing.expert_ids.sort(-1).values
+            if ours.shape != theirs.shape:
+                return f"layer {i} router: {ours.shape[-1]} experts per token, expected {theirs.shape[-1]}"
+            wrong = (ours != theirs).any(-1)
+            if wrong.any():
+                t = int(wrong.nonzero()[0])
+                return (f"layer {i} router choice: token {t} goes to experts {ours[t].tolist()}, "
+                        f"expected {theirs[t].tolist()} ({int(wrong.sum())} of {len(wrong)} tokens differ)")
+            order_a, order_e = a.routing.expert_ids.argsort(-1), e.routing.expert_ids.argsort(-1)
+            wa, we = a.routing.weights.gather(-1, order_a), e.routing.weights.gather(-1, order_e)
+            if (msg := stage(f"layer {i} router weights", wa, we)) is not None:
+                return msg
+        if (msg := stage(f"layer {i} ({kind}) {'experts' if kind == 'moe' else 'mlp'} output", a.output, e.output)) is not None:
+            return msg
+    if (msg := stage("final norm", actual.final_norm, expected.final_norm)) is not None:
+        return msg
+    return stage("output logits", actual.logits, expected.logits)
+
+
+def check_equivalence(bridge: Bridge, case: Case, hf_dir: Path) -> None:
+    """Megatron logits, every layer's hidden states and the routing decisions match the oracle."""
+    expected = oracle_trace(case, hf_dir)
+    chunks = load_bridge_model(bridge, case, hf_dir)
+    actual = megatron_trace(chunks, case.inputs.input_ids(case.config.vocab_size))
+    if (where := first_divergence(actual, expected, case.config)) is not None:
+        logits_err = relative_error(actual.logits, expected.logits) if actual.logits.shape == expected.logits.shape else math.inf
+        raise PropertyFailure("equivalence", case, f"first divergence at {where}; logits relative error {logits_err:.3g}")
+
+
+# ---------------------------------------------------------------------------- 4. interop
+def check_interop(bridge: Bridge, case: Case, hf_dir: Path, out_dir: Path) -> None:
+    """The exported directory loads in transformers, keys exactly right, and gives the oracle's logits."""
+    expected = oracle_trace(case, hf_dir)
+    bridge.export(load_bridge_model(bridge, case, hf_dir), out_dir)
+    try:
+        model = load_transformers_model(out_dir)
+    except Exception as e:  # noqa: BLE001 - any failure to load is the finding
+        raise PropertyFailure("interop", case, f"transformers cannot load the export: {type(e).__name__}: {e}") from e
+    logits = run_transformers(model, case.inputs.input_ids(case.config.vocab_size)).logits
+    err = relative_error(logits, expected.logits)
+    if err > FP32_RTOL:
+        raise PropertyFailure("interop", case, f"transformers on the export: logits relative error {err:.3g} > {FP32_RTOL}")
+
+
+# ---------------------------------------------------------------------------- 5. refusal
+@dataclass(frozen=True)
+class Corruption:
+    """One way to break a checkpoint: `kind` in missing, extra, misshaped, config; `target` names it."""
+
+    kind: str
+    target: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.target}" + (f" ({self.detail})" if self.detail else "")
+
+
+def corrupt_checkpoint(hf_dir: Path, corruption: Corruption) -> None:
+    """Apply `corruption` to the single-file checkpoint in `hf_dir`, in place."""
+    from safetensors.torch import load_file, save_file
+
+    if corruption.kind == "config":
+        path = hf_dir / CONFIG_NAME
+        hf = json.loads(path.read_text())
+        field_name, value = corruption.target, json.loads(corruption.detail)
+        hf[field_name] = value
+        path.write_text(json.dumps(hf))
+        return
+    weights = hf_dir / "model.safetensors"
+    tensors = load_file(str(weights))
+    if corruption.kind == "missing":
+        del tensors[corruption.target]
+    elif corruption.kind == "extra":
+        like = next(iter(tensors.values()))
+        tensors[corruption.target] = torch.randn(json.loads(corruption.detail) or [2], dtype=like.dtype)
+    elif corruption.kind == "misshaped":
+        t = tensors[corruption.target]
+        shape = json.loads(corruption.detail)
+        tensors[corruption.target] = torch.randn(shape, dtype=t.dtype)
+    else:
+        raise ValueError(f"unknown corruption kind {corruption.kind!r}")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+
+
+def check_refusal(bridge: Bridge, case: Case, hf_dir: Path, corruption: Corruption) -> None:
+    """A corrupt checkpoint must make `load` raise; accepting it silently is a failure."""
+    corrupt_checkpoint(hf_dir, corruption)
+    try:
+        load_bridge_model(bridge, case, hf_dir)
+    except Exception:  # noqa: BLE001 - any exception is a refusal
+        return
+    raise PropertyFailure("refusal", case, f"load accepted a corrupt checkpoint without error: {corruption}")

@@ -1,0 +1,1 @@
+"""The suite's test modules: `pytest --pyargs conformance --bridge NAME` runs them."""

@@ -1,0 +1,38 @@
+"""`Layout`: how a Megatron-Core model is split over ranks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["Layout"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Tensor, pipeline, expert and virtual-pipeline parallel sizes.
+
+    Expert tensor parallelism is 1 (each expert whole on one rank), so the smallest world that
+    holds the layout has pp * lcm(tp, ep) ranks. `vpp` is the number of model chunks per
+    pipeline stage (1: no virtual pipeline).
+    """
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    vpp: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "ep", "vpp"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Layout.{name}={value!r}: expected a positive integer")
+        if self.vpp > 1 and self.pp == 1:
+            raise ValueError(f"Layout.vpp={self.vpp} needs pipeline parallelism: pp is 1")
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * math.lcm(self.tp, self.ep)
+
+    def __str__(self) -> str:
+        return f"tp{self.tp}-pp{self.pp}-ep{self.ep}-vpp{self.vpp}"

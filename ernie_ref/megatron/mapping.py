@@ -1,0 +1,108 @@
+"""Weight mapping between HF tensors and the full (unsharded) Megatron-Core GPTModel state dict.
+
+Names are those of the local (non-Transformer-Engine) layer spec with our ERNIE router.
+Megatron fuses two pairs that HF keeps apart:
+- q, k, v into `linear_qkv`, grouped per query group: for each key/value head g, the query
+  heads that read it, then k_g, then v_g;
+- gate and up into `fc1` = [gate; up] (dense MLP, each routed expert, the shared experts).
+Everything else is a rename. The conversion is exact: only views, concatenations and copies.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ernie_ref.config import ErnieMoeConfig
+
+__all__ = ["hf_to_megatron", "megatron_to_hf", "fuse_qkv", "split_qkv"]
+
+
+def fuse_qkv(cfg: ErnieMoeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q [Nq*D, ...], k and v [Nkv*D, ...] -> linear_qkv [(Nq + 2 Nkv) * D, ...], grouped per kv head."""
+    groups, D = cfg.num_key_value_heads, cfg.head_dim
+    per_group = cfg.num_attention_heads // groups
+    rest = q.shape[1:]
+    q = q.reshape(groups, per_group * D, *rest)
+    k = k.reshape(groups, D, *rest)
+    v = v.reshape(groups, D, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def split_qkv(cfg: ErnieMoeConfig, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    groups, D = cfg.num_key_value_heads, cfg.head_dim
+    per_group = cfg.num_attention_heads // groups
+    rest = qkv.shape[1:]
+    grouped = qkv.reshape(groups, (per_group + 2) * D, *rest)
+    q, k, v = grouped.split([per_group * D, D, D], dim=1)
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
+
+
+def _mlp_pairs(hf_prefix: str, mg_prefix: str) -> list[tuple[list[str], str]]:
+    return [
+        ([f"{hf_prefix}.gate_proj.weight", f"{hf_prefix}.up_proj.weight"], f"{mg_prefix}.linear_fc1.weight"),
+        ([f"{hf_prefix}.down_proj.weight"], f"{mg_prefix}.linear_fc2.weight"),
+    ]
+
+
+def _layer_pairs(cfg: ErnieMoeConfig, i: int) -> list[tuple[list[str], str]]:
+    """(HF names, Megatron name) for layer i; a pair with several HF names is a fusion."""
+    hf, mg = f"model.layers.{i}", f"decoder.layers.{i}"
+    pairs = [
+        ([f"{hf}.input_layernorm.weight"], f"{mg}.input_layernorm.weight"),
+        ([f"{hf}.self_attn.{p}_proj.weight" for p in "qkv"], f"{mg}.self_attention.linear_qkv.weight"),
+        ([f"{hf}.self_attn.o_proj.weight"], f"{mg}.self_attention.linear_proj.weight"),
+        ([f"{hf}.post_attention_layernorm.weight"], f"{mg}.pre_mlp_layernorm.weight"),
+    ]
+    if not cfg.is_moe_layer(i):
+        return pairs + _mlp_pairs(f"{hf}.mlp", f"{mg}.mlp")
+    pairs += [
+        ([f"{hf}.mlp.gate.weight"], f"{mg}.mlp.router.weight"),
+        ([f"{hf}.mlp.moe_statics.e_score_correction_bias"], f"{mg}.mlp.router.expert_bias"),
+    ]
+    for e in range(cfg.moe_num_experts):
+        pairs += _mlp_pairs(f"{hf}.mlp.experts.{e}", f"{mg}.mlp.experts.local_experts.{e}")
+    if cfg.moe_num_shared_experts > 0:
+        pairs += _mlp_pairs(f"{hf}.mlp.shared_experts", f"{mg}.mlp.shared_experts")
+    return pairs
+
+
+def name_pairs(cfg: ErnieMoeConfig) -> list[tuple[list[str], str]]:
+    """Every (HF names, Megatron name) of the model, in model order. Tied: no output_layer."""
+    pairs = [(["model.embed_tokens.weight"], "embedding.word_embeddings.weight")]
+    for i in range(cfg.num_hidden_layers):
+        pairs += _layer_pairs(cfg, i)
+    pairs.append((["model.norm.weight"], "decoder.final_layernorm.weight"))
+    if not cfg.tie_word_embeddings:
+        pairs.append((["lm_head.weight"], "output_layer.weight"))
+    return pairs
+
+
+def hf_to_megatron(cfg: ErnieMoeConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF tensors (as `load_checkpoint` returns them) -> full Megatron state dict."""
+    out = {}
+    for hf_names, mg_name in name_pairs(cfg):
+        tensors = [hf[n] for n in hf_names]
+        if mg_name.endswith("linear_qkv.weight"):
+            out[mg_name] = fuse_qkv(cfg, *tensors)
+        elif mg_name.endswith("router.expert_bias"):
+            out[mg_name] = tensors[0].reshape(-1)  # HF [1, E] (one expert group) -> Megatron [E]
+        else:
+            out[mg_name] = torch.cat(tensors, dim=0) if len(tensors) > 1 else tensors[0]
+    return out
+
+
+def megatron_to_hf(cfg: ErnieMoeConfig, mg: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full Megatron state dict -> HF tensors with HF's names and shapes."""
+    out = {}
+    for hf_names, mg_name in name_pairs(cfg):
+        t = mg[mg_name]
+        if mg_name.endswith("linear_qkv.weight"):
+            parts = split_qkv(cfg, t)
+        elif mg_name.endswith("router.expert_bias"):
+            parts = (t.reshape(1, -1),)
+        elif len(hf_names) == 2:  # fc1 = [gate; up]
+            parts = t.chunk(2, dim=0)
+        else:
+            parts = (t,)
+        out.update({n: p.contiguous() for n, p in zip(hf_names, parts)})
+    return out

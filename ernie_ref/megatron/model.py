@@ -1,0 +1,130 @@
+"""Build Megatron-Core GPTModel chunks for an ERNIE 4.5 MoE config: TransformerConfig, the layer
+spec with ERNIE's router, and the model itself."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
+from ernie_ref.config import ErnieMoeConfig
+from ernie_ref.layout import Layout
+
+from .router import ErnieRouter
+
+__all__ = ["transformer_config", "decoder_block_spec", "build_chunks"]
+
+
+def transformer_config(cfg: ErnieMoeConfig, layout: Layout, dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    on_cpu = not torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.intermediate_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_key_value_heads,
+        kv_channels=cfg.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        rotary_interleaved=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # MoE: which layers (transformers' rule, via is_moe_layer), experts, shared experts.
+        moe_layer_freq=[1 if cfg.is_moe_layer(i) else 0 for i in range(cfg.num_hidden_layers)],
+        num_moe_experts=cfg.moe_num_experts,
+        moe_router_topk=cfg.moe_k,
+        moe_ffn_hidden_size=cfg.moe_intermediate_size,
+        moe_shared_expert_intermediate_size=cfg.shared_intermediate_size or None,
+        moe_router_dtype="fp32",
+        # ERNIE takes the softmax over all experts before choosing (ErnieRouter does the routing;
+        # this flag only keeps TransformerConfig's k = 1 check truthful).
+        moe_router_pre_softmax=True,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_grouped_gemm=False,
+        moe_token_dispatcher_type="allgather",
+        # Parallel layout; experts are whole on one rank (expert tensor parallel 1).
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=1,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        sequence_parallel=False,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        # CPU: no fused kernels exist there, and weights must be created on the CPU.
+        use_cpu_initialization=on_cpu,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def _with_router(mlp_spec, router):
+    """Return the MLP spec with `router` in MoE layers; dense layer specs come back unchanged.
+
+    megatron-core 0.16 describes an MoE layer as ModuleSpec(module=MoELayer, submodules=...),
+    0.19 as functools.partial(MoELayer, submodules=...); both carry MoESubmodules.router.
+    """
+    if isinstance(mlp_spec, functools.partial):
+        if isinstance(mlp_spec.func, type) and issubclass(mlp_spec.func, MoELayer):
+            subs = dataclasses.replace(mlp_spec.keywords["submodules"], router=router)
+            return functools.partial(mlp_spec.func, *mlp_spec.args, **{**mlp_spec.keywords, "submodules": subs})
+        return mlp_spec
+    if isinstance(getattr(mlp_spec, "module", None), type) and issubclass(mlp_spec.module, MoELayer):
+        return dataclasses.replace(mlp_spec, submodules=dataclasses.replace(mlp_spec.submodules, router=router))
+    return mlp_spec
+
+
+def decoder_block_spec(
+    cfg: ErnieMoeConfig, tconfig: TransformerConfig, vp_stage: int | None = None, router_class: type = ErnieRouter
+):
+    """Local (non-Transformer-Engine) spec, one layer spec per layer so that dense and MoE mix."""
+    block = get_gpt_decoder_block_spec(tconfig, use_transformer_engine=False, normalization="RMSNorm", vp_stage=vp_stage)
+    router = functools.partial(router_class, norm_min=cfg.moe_norm_min)
+    layers = [
+        dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=_with_router(spec.submodules.mlp, router)))
+        for spec in block.layer_specs
+    ]
+    return dataclasses.replace(block, layer_specs=layers)
+
+
+def build_chunks(
+    cfg: ErnieMoeConfig, tconfig: TransformerConfig, layout: Layout, router_class: type = ErnieRouter
+) -> list[GPTModel]:
+    """This rank's model chunks (one per virtual pipeline stage), inside an initialised parallel state."""
+    chunks = []
+    for vp_stage in range(layout.vpp):
+        vp = vp_stage if layout.vpp > 1 else None
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp)
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)
+        chunks.append(
+            GPTModel(
+                config=tconfig,
+                transformer_layer_spec=decoder_block_spec(cfg, tconfig, vp, router_class),
+                vocab_size=cfg.vocab_size,
+                max_sequence_length=4096,
+                pre_process=pre,
+                post_process=post,
+                parallel_output=False,
+                share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+                position_embedding_type="rope",
+                rotary_base=cfg.rope_theta,
+                vp_stage=vp,
+            )
+        )
+    return chunks

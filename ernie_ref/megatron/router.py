@@ -1,0 +1,41 @@
+"""ERNIE's MoE router as a Megatron-Core router module.
+
+Stock megatron-core cannot express ERNIE routing: TransformerConfig (up to 0.20) refuses an
+expert bias with softmax scores, and its softmax path would ignore the bias anyway. This module
+plugs in through the layer spec (`MoESubmodules.router`), so nothing in megatron is patched.
+
+ERNIE routing, per token, in fp32:
+    p       = softmax(h W^T)                           # [T, E]
+    chosen  = top-k of (p + expert_bias)               # the bias picks experts ...
+    weights = p[chosen] / clamp(sum p[chosen], min=norm_min)   # ... but never weights them
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.moe.router import TopKRouter
+
+__all__ = ["ErnieRouter"]
+
+
+class ErnieRouter(TopKRouter):
+    def __init__(self, config, pg_collection=None, *, norm_min: float, **kwargs):
+        super().__init__(config=config, pg_collection=pg_collection, **kwargs)
+        self.norm_min = norm_min
+        # TopKRouter only creates `expert_bias` for sigmoid scores; ERNIE's is a persistent fp32
+        # buffer [E] (HF: moe_statics.e_score_correction_bias [1, E]).
+        if getattr(self, "expert_bias", None) is None:
+            if hasattr(self, "expert_bias"):
+                del self.expert_bias
+            self.register_buffer("expert_bias", torch.zeros(config.num_moe_experts, dtype=torch.float32))
+
+    def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None, **kwargs):
+        """logits [T, E] -> (probs [T, E], zero outside the chosen experts; routing_map [T, E] bool)."""
+        logits = logits.reshape(-1, self.config.num_moe_experts)
+        probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
+        _, chosen = torch.topk(probs + self.expert_bias.float(), k=self.topk, dim=-1)  # [T, K]
+        chosen_probs = probs.gather(-1, chosen)  # [T, K]
+        weights = chosen_probs / chosen_probs.sum(-1, keepdim=True).clamp(min=self.norm_min)
+        dense = torch.zeros_like(probs).scatter(-1, chosen, weights)  # [T, E]
+        routing_map = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, chosen, True)
+        return dense.to(logits.dtype), routing_map
