@@ -22,7 +22,7 @@ _COMMON = dict(
     print_blob=True,
 )
 settings.register_profile("dev", max_examples=30, **_COMMON)
-settings.register_profile("ci", max_examples=50, derandomize=True, database=None, **_COMMON)
+settings.register_profile("ci", max_examples=100, derandomize=True, database=None, **_COMMON)
 settings.register_profile("thorough", max_examples=500, **_COMMON)
 
 DEFAULT_BRIDGE = "reference"

@@ -164,9 +164,10 @@ def corruptions(draw: st.DrawFn, cfg: ErnieMoeConfig) -> "Corruption":
             plausible[f"model.layers.{dense[0]}.mlp.gate.weight"] = [E, H]
         name = draw(st.sampled_from(sorted(plausible)))
         return Corruption("extra", name, json.dumps(plausible[name]))
+    # Only fields whose change reshapes some tensor: a field that no tensor depends on (the
+    # dense width when every layer is MoE, say) could change without contradicting anything.
     changes = {
         "vocab_size": cfg.vocab_size + 1,
-        "intermediate_size": cfg.intermediate_size + 1,
         "moe_intermediate_size": cfg.moe_intermediate_size + 1,
         "moe_num_experts": cfg.moe_num_experts + 1,
         "num_hidden_layers": cfg.num_hidden_layers + 1,
@@ -175,5 +176,7 @@ def corruptions(draw: st.DrawFn, cfg: ErnieMoeConfig) -> "Corruption":
     }
     if cfg.moe_num_shared_experts > 0:
         changes["moe_num_shared_experts"] = cfg.moe_num_shared_experts + 1
+    if "dense" in cfg.layer_types:
+        changes["intermediate_size"] = cfg.intermediate_size + 1
     name = draw(st.sampled_from(sorted(changes)))
     return Corruption("config", name, json.dumps(changes[name]))

@@ -1,0 +1,110 @@
+"""Examples per minute and peak memory of each conformance property, at world size 1.
+
+    python benchmarks/bench_properties.py [--examples N] [--bridge NAME]
+
+Runs each property the way the suite does (Hypothesis, derandomized) for N examples and prints a
+table: examples per minute (valid ones; rejected draws count towards the time, not the rate),
+peak resident memory of the process after the property, and where the time went.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from functools import wraps
+
+from hypothesis import HealthCheck, given, reject, settings
+from hypothesis import strategies as st
+
+warnings.filterwarnings("ignore")
+
+from conformance import properties  # noqa: E402
+from conformance.bridge import resolve_bridge  # noqa: E402
+from conformance.megatron_runtime import apply_cpu_patches, init_process_group_once  # noqa: E402
+from conformance.strategies import corruptions  # noqa: E402
+from conformance.suite.drawing import draw_case, scratch_dirs  # noqa: E402
+
+PHASES: dict[str, float] = defaultdict(float)
+
+
+def timed(phase: str, fn: Callable) -> Callable:
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            PHASES[phase] += time.perf_counter() - start
+
+    return wrapper
+
+
+def instrument(bridge) -> None:
+    properties.write_checkpoint = timed("write checkpoint", properties.write_checkpoint)
+    properties.load_bridge_model = timed("init + build + load", properties.load_bridge_model)
+    properties.megatron_trace = timed("megatron forward", properties.megatron_trace)
+    properties.oracle_trace = timed("oracle forward", properties.oracle_trace)
+    properties.load_transformers_model = timed("transformers load", properties.load_transformers_model)
+    properties.diff_checkpoints = timed("compare checkpoints", properties.diff_checkpoints)
+    bridge.export = timed("export", bridge.export)
+
+
+def run_property(name: str, bridge, examples: int) -> tuple[int, float]:
+    counts = {"valid": 0}
+
+    @settings(max_examples=examples, derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def body(data):
+        case = draw_case(data, bridge)
+        with scratch_dirs("hf", "out") as (hf, out):
+            properties.write_checkpoint(case, hf)
+            try:
+                if name == "import":
+                    properties.check_import(bridge, case, hf)
+                elif name == "round_trip":
+                    properties.check_round_trip(bridge, case, hf, out)
+                elif name == "equivalence":
+                    properties.check_equivalence(bridge, case, hf)
+                elif name == "interop":
+                    properties.check_interop(bridge, case, hf, out)
+                else:
+                    properties.check_refusal(bridge, case, hf, data.draw(corruptions(case.config)))
+            except properties.NearTie:
+                reject()
+        counts["valid"] += 1
+
+    start = time.perf_counter()
+    body()
+    return counts["valid"], time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--examples", type=int, default=100)
+    parser.add_argument("--bridge", default="reference")
+    args = parser.parse_args()
+    apply_cpu_patches()
+    init_process_group_once()
+    bridge = resolve_bridge(args.bridge)
+    instrument(bridge)
+    rows = []
+    for name in ("import", "round_trip", "equivalence", "interop", "refusal"):
+        PHASES.clear()
+        valid, seconds = run_property(name, bridge, args.examples)
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        phases = ", ".join(f"{k} {100 * v / seconds:.0f}%" for k, v in sorted(PHASES.items(), key=lambda kv: -kv[1]))
+        rows.append((name, valid, seconds, 60 * valid / seconds, peak_mb, phases))
+    print(f"bridge {bridge.name} {bridge.version()}, {args.examples} examples per property, world size 1")
+    print(f"| property | examples | seconds | examples/min | peak RSS MB | where the time goes |")
+    print(f"|---|---:|---:|---:|---:|---|")
+    for name, valid, seconds, rate, peak, phases in rows:
+        print(f"| {name} | {valid} | {seconds:.1f} | {rate:.0f} | {peak:.0f} | {phases} |")
+
+
+if __name__ == "__main__":
+    main()
