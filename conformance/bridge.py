@@ -62,8 +62,12 @@ def resolve_bridge(name: str) -> Bridge:
         obj = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as e:
         raise BridgeNotFound(f"--bridge {name!r}: cannot import {target!r}: {e}") from e
-    bridge = obj() if isinstance(obj, type) else obj
-    missing = [m for m in ("name", "version", "unsupported", "load", "export") if not hasattr(bridge, m)]
+    missing = [m for m in ("name", "version", "unsupported", "load", "export") if not hasattr(obj, m)]
     if missing:
         raise BridgeNotFound(f"--bridge {name!r}: {target} lacks {', '.join(missing)} of the bridge protocol")
-    return bridge
+    if not isinstance(obj, type):
+        return obj
+    try:
+        return obj()
+    except Exception as e:  # noqa: BLE001 - whatever stops construction, say which bridge
+        raise BridgeNotFound(f"--bridge {name!r}: {target}() failed: {type(e).__name__}: {e}") from e

@@ -45,7 +45,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="file of test ids expected to fail, one per line (# comments); an unexpected pass fails")
 
 
+# Warnings that megatron-core raises about itself on every import or build (deprecations, no
+# Apex or Transformer Engine): noise in a report about a bridge.
+_IGNORED_WARNINGS = (
+    "ignore::DeprecationWarning:megatron",
+    "ignore::FutureWarning:megatron",
+    "ignore::UserWarning:megatron",
+    "ignore:MLP requires ffn_hidden_size:DeprecationWarning",
+)
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    for line in _IGNORED_WARNINGS:
+        config.addinivalue_line("filterwarnings", line)
     profile = config.getoption("hypothesis_profile", None) or default_profile()
     max_examples = config.getoption("max_examples")
     if max_examples is not None:
