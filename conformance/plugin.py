@@ -6,10 +6,13 @@ Loaded in every pytest session of an environment where ernie-conformance is inst
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -26,9 +29,39 @@ settings.register_profile("ci", max_examples=100, derandomize=True, database=Non
 settings.register_profile("thorough", max_examples=500, **_COMMON)
 
 DEFAULT_BRIDGE = "reference"
+ENV_HYPOTHESIS_DB = "ERNIE_CONFORMANCE_HYPOTHESIS_DB"
 
-# Declared refusals seen in this session: reason -> number of drawn configs it refused.
-DECLARED_REFUSALS: Counter[str] = Counter()
+# Per-test tallies in this process (an xdist worker, or the only process). They travel to the
+# controlling process in each report's user_properties, where `_SESSION` sums them up.
+_CURRENT_TEST = ""
+_EXAMPLES: Counter[str] = Counter()
+_REFUSALS: dict[str, Counter[str]] = {}
+_COUNTEREXAMPLES: dict[str, str] = {}
+
+
+@dataclass
+class _SessionTotals:
+    refusals: Counter[str] = field(default_factory=Counter)
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+
+_SESSION = _SessionTotals()
+
+
+def current_test() -> str:
+    return _CURRENT_TEST
+
+
+def count_example() -> None:
+    _EXAMPLES[_CURRENT_TEST] += 1
+
+
+def count_refusal(reason: str) -> None:
+    _REFUSALS.setdefault(_CURRENT_TEST, Counter())[reason] += 1
+
+
+def note_counterexample(path: Path) -> None:
+    _COUNTEREXAMPLES[_CURRENT_TEST] = str(path)
 
 
 def default_profile() -> str:
@@ -43,6 +76,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="Hypothesis examples per property (overrides the profile's count)")
     group.addoption("--xfails-file", default=None,
                     help="file of test ids expected to fail, one per line (# comments); an unexpected pass fails")
+    group.addoption("--counterexamples", default=None,
+                    help="directory for shrunk counterexamples (default: $ERNIE_CONFORMANCE_COUNTEREXAMPLES "
+                         "or ./counterexamples)")
+    group.addoption("--hypothesis-db", default=None,
+                    help=f"Hypothesis example database directory (default: ${ENV_HYPOTHESIS_DB}, else the "
+                         "profile's; keep it between CI runs to replay past failures first)")
+    group.addoption("--checkpoint", default=None,
+                    help="run the properties on this HF checkpoint directory, with drawn inputs and layouts "
+                         "instead of drawn weights")
+    group.addoption("--layouts", default="tp1-pp1-ep1-vpp1",
+                    help="comma-separated parallel layouts to draw from, e.g. tp1-pp1-ep1-vpp1")
+    group.addoption("--results-json", default=None, help="write each test's outcome, examples and counterexample here")
+    group.addoption("--progress", default=None, help="append a line per finished test to this file (for certify)")
 
 
 # Warnings that megatron-core raises about itself on every import or build (deprecations, no
@@ -56,13 +102,24 @@ _IGNORED_WARNINGS = (
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    _PROGRESS["path"] = config.getoption("progress", None)
+    _PROGRESS["worker"] = hasattr(config, "workerinput")
     for line in _IGNORED_WARNINGS:
         config.addinivalue_line("filterwarnings", line)
     profile = config.getoption("hypothesis_profile", None) or default_profile()
     max_examples = config.getoption("max_examples")
-    if max_examples is not None:
-        settings.register_profile(f"{profile}-n{max_examples}", settings.get_profile(profile), max_examples=max_examples)
-        profile = f"{profile}-n{max_examples}"
+    db = config.getoption("hypothesis_db") or os.environ.get(ENV_HYPOTHESIS_DB)
+    if max_examples is not None or db:
+        from hypothesis.database import DirectoryBasedExampleDatabase
+
+        overrides: dict[str, Any] = {}
+        if max_examples is not None:
+            overrides["max_examples"] = max_examples
+        if db:
+            overrides["database"] = DirectoryBasedExampleDatabase(db)
+        name = profile + (f"-n{max_examples}" if max_examples is not None else "") + ("-db" if db else "")
+        settings.register_profile(name, settings.get_profile(profile), **overrides)
+        profile = name
     settings.load_profile(profile)
 
 
@@ -112,11 +169,99 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.xfail(strict=True, reason=f"listed in {path}"))
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    global _CURRENT_TEST
+    _CURRENT_TEST = item.nodeid
+    yield
+    _CURRENT_TEST = ""
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and (item.nodeid in _EXAMPLES or item.nodeid in _REFUSALS):
+        report.user_properties.append(("examples", _EXAMPLES.pop(item.nodeid, 0)))
+        report.user_properties.append(("refusals", dict(_REFUSALS.pop(item.nodeid, {}))))
+        if item.nodeid in _COUNTEREXAMPLES:
+            report.user_properties.append(("counterexample", _COUNTEREXAMPLES.pop(item.nodeid)))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """In the controlling process (with or without xdist): sum up what each test reported."""
+    if _PROGRESS["worker"]:
+        return
+    props = dict(report.user_properties)
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        _SESSION.refusals.update(props.get("refusals", {}))
+        outcome = report.outcome
+        if hasattr(report, "wasxfail"):
+            outcome = "xpassed" if report.passed else "xfailed"
+        _SESSION.results.append({
+            "test": report.nodeid,
+            "outcome": outcome,
+            "duration_s": round(report.duration, 3),
+            "examples": props.get("examples", 0),
+            "counterexample": props.get("counterexample"),
+            "message": report.longreprtext if report.failed else "",
+        })
+        _write_progress(_SESSION.results[-1])
+
+
+_PROGRESS: dict[str, Any] = {"path": None, "total": 0, "worker": False}
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    _PROGRESS["total"] = _PROGRESS["total"] or len(session.items)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids) -> None:
+    _PROGRESS["total"] = len(ids)
+
+
+def _write_progress(result: dict[str, Any]) -> None:
+    if not _PROGRESS["path"]:
+        return
+    done = len(_SESSION.results)
+    examples = sum(r["examples"] for r in _SESSION.results)
+    failures = sum(r["outcome"] == "failed" for r in _SESSION.results)
+    name = result["test"].rsplit("::", 1)[-1]
+    line = (f"[{done}/{_PROGRESS['total'] or '?'}] {name}: {result['outcome']}, {result['examples']} examples "
+            f"in {result['duration_s']:.1f}s (so far: {examples} examples, {failures} failures)")
+    with open(_PROGRESS["path"], "a") as f:
+        f.write(line + "\n")
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    if DECLARED_REFUSALS:
+    if _SESSION.refusals:
         terminalreporter.section("declared unsupported by the bridge (not failures)")
-        for reason, count in DECLARED_REFUSALS.most_common():
+        for reason, count in _SESSION.refusals.most_common():
             terminalreporter.write_line(f"{count:5d} drawn configs: {reason}")
+    counterexamples = [r["counterexample"] for r in _SESSION.results if r["counterexample"]]
+    if counterexamples:
+        terminalreporter.section("counterexamples (replay with: ernie-conformance replay FILE)")
+        for path in counterexamples:
+            terminalreporter.write_line(path)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    path = session.config.getoption("results_json", None)
+    if path and not hasattr(session.config, "workerinput"):  # the controlling process only
+        Path(path).write_text(json.dumps({"refusals": dict(_SESSION.refusals), "results": _SESSION.results}, indent=2))
+
+
+@dataclass
+class SuiteSession:
+    """What every test of the suite needs: the bridge under test and where things go."""
+
+    bridge: Any
+    bridge_spec: str
+    bridge_version: str
+    counterexamples: Path
+    layouts: list
+    checkpoint: Path | None
 
 
 @pytest.fixture(scope="session")
@@ -135,3 +280,36 @@ def megatron_runtime():
     init_process_group_once(world_size=1, rank=0)
     yield
     destroy_model_parallel()
+
+
+def parse_layouts(text: str) -> list:
+    from ernie_ref.layout import Layout
+
+    try:
+        layouts = [Layout.parse(t) for t in text.split(",") if t.strip()]
+    except ValueError as e:
+        raise pytest.UsageError(f"--layouts: {e}") from e
+    too_big = [str(layout) for layout in layouts if layout.world_size > 1]
+    if too_big or not layouts:
+        raise pytest.UsageError(
+            f"--layouts {text!r}: this version of the suite runs one rank; "
+            f"{', '.join(too_big) or 'no layout given'} would need more"
+        )
+    return layouts
+
+
+@pytest.fixture(scope="session")
+def suite(pytestconfig: pytest.Config, bridge, megatron_runtime) -> SuiteSession:
+    from .counterexample import counterexample_dir
+
+    checkpoint = pytestconfig.getoption("checkpoint")
+    if checkpoint is not None and not Path(checkpoint, "config.json").is_file():
+        raise pytest.UsageError(f"--checkpoint {checkpoint}: no config.json there")
+    return SuiteSession(
+        bridge=bridge,
+        bridge_spec=pytestconfig.getoption("bridge"),
+        bridge_version=bridge.version(),
+        counterexamples=counterexample_dir(pytestconfig.getoption("counterexamples")).resolve(),
+        layouts=parse_layouts(pytestconfig.getoption("layouts")),
+        checkpoint=Path(checkpoint).resolve() if checkpoint else None,
+    )

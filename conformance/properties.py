@@ -7,15 +7,18 @@ its error. The pytest modules of the suite (`conformance/suite/`) draw cases and
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ernie_ref import ErnieMoeConfig, ErnieMoeForCausalLM, Trace, random_checkpoint
-from ernie_ref.checkpoint import CONFIG_NAME, iter_tensors, read_config
+from ernie_ref.checkpoint import CONFIG_NAME, TensorReader, iter_tensors, read_config, tensor_shapes
 from ernie_ref.layout import Layout
 
 from .bridge import Bridge
@@ -29,7 +32,10 @@ __all__ = [
     "Case",
     "PropertyFailure",
     "NearTie",
-    "write_checkpoint",
+    "PROPERTIES",
+    "prepare_checkpoint",
+    "run_property",
+    "stage_errors",
     "load_bridge_model",
     "check_import",
     "check_round_trip",
@@ -43,26 +49,56 @@ __all__ = [
 
 
 @dataclass(frozen=True)
+class Corruption:
+    """One way to break a checkpoint: `kind` in missing, extra, misshaped, config; `target` names it."""
+
+    kind: str
+    target: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.target}" + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclass(frozen=True)
 class Case:
-    """One drawn example: everything needed to rebuild it exactly."""
+    """One drawn example: everything needed to rebuild it exactly.
+
+    `weights_seed` draws the weights of a random checkpoint; with `checkpoint` set instead, the
+    example runs on that directory (a user's own checkpoint) and `config` is read from it.
+    `corruption` is used by the refusal property only.
+    """
 
     config: ErnieMoeConfig
-    weights_seed: int
+    weights_seed: int | None
     inputs: Inputs
     layout: Layout = Layout()
+    corruption: Corruption | None = None
+    checkpoint: str | None = None
 
     def describe(self) -> str:
+        weights = f"checkpoint {self.checkpoint}" if self.checkpoint else f"weights seed {self.weights_seed}"
         return (
             f"config: {self.config.one_line()}\n"
-            f"  weights seed {self.weights_seed}, layout {self.layout}, "
+            f"  {weights}, layout {self.layout}, "
             f"inputs batch {self.inputs.batch} x seq {self.inputs.seq_len} seed {self.inputs.seed}"
+            + (f", corruption: {self.corruption}" if self.corruption else "")
         )
 
 
 class PropertyFailure(AssertionError):
-    def __init__(self, prop: str, case: Case, detail: str):
-        self.prop, self.case, self.detail = prop, case, detail
-        super().__init__(f"[{prop}] {detail}\n  {case.describe()}")
+    """A property does not hold for `case`. `evidence` carries what localises it (stage errors,
+    the checkpoint diff) for reports; `replay` is the command that reproduces it, once saved."""
+
+    def __init__(self, prop: str, case: Case, detail: str, evidence: dict | None = None, replay: str | None = None):
+        self.prop, self.case, self.detail, self.evidence, self.replay = prop, case, detail, evidence or {}, replay
+        message = f"[{prop}] {detail}\n  {case.describe()}"
+        if replay:
+            message += f"\n  reproduce with: {replay}"
+        super().__init__(message)
+
+    def with_replay(self, command: str) -> PropertyFailure:
+        return PropertyFailure(self.prop, self.case, self.detail, self.evidence, command)
 
 
 class NearTie(Exception):
@@ -73,8 +109,50 @@ class NearTie(Exception):
 INIT_SEEDS = (1234, 4321)
 
 
-def write_checkpoint(case: Case, hf_dir: Path) -> dict[str, torch.Tensor]:
-    return random_checkpoint(case.config, hf_dir, seed=case.weights_seed)
+PROPERTIES = ("import", "round_trip", "equivalence", "interop", "refusal")
+
+
+def prepare_checkpoint(case: Case, workdir: Path) -> Path:
+    """The checkpoint directory the example runs on: a seeded random one written into `workdir`,
+    or the user's own. For a corrupted user checkpoint, a copy of config.json beside links to its
+    weight files, so that a config corruption never touches the original."""
+    if case.checkpoint is None:
+        hf = workdir / "hf"
+        random_checkpoint(case.config, hf, seed=case.weights_seed)
+        return hf
+    source = Path(case.checkpoint)
+    if case.corruption is None:
+        return source
+    hf = workdir / "hf"
+    hf.mkdir(parents=True)
+    for f in source.iterdir():
+        if f.name == CONFIG_NAME:
+            shutil.copy(f, hf / f.name)
+        else:
+            (hf / f.name).symlink_to(f.resolve())
+    return hf
+
+
+def run_property(prop: str, bridge: Bridge, case: Case) -> None:
+    """Run one property on one case in a scratch directory; raises PropertyFailure or NearTie."""
+    if prop not in PROPERTIES:
+        raise ValueError(f"unknown property {prop!r}: expected one of {', '.join(PROPERTIES)}")
+    with tempfile.TemporaryDirectory(prefix="ernie-conformance-") as root:
+        workdir = Path(root)
+        hf = prepare_checkpoint(case, workdir)
+        out = workdir / "export"
+        if prop == "import":
+            check_import(bridge, case, hf)
+        elif prop == "round_trip":
+            check_round_trip(bridge, case, hf, out)
+        elif prop == "equivalence":
+            check_equivalence(bridge, case, hf)
+        elif prop == "interop":
+            check_interop(bridge, case, hf, out)
+        else:
+            if case.corruption is None:
+                raise ValueError("the refusal property needs a case with a corruption")
+            check_refusal(bridge, case, hf, case.corruption)
 
 
 def load_bridge_model(bridge: Bridge, case: Case, hf_dir: Path, init_seed: int = INIT_SEEDS[0]) -> list[torch.nn.Module]:
@@ -164,14 +242,15 @@ def diff_checkpoints(expected_dir: Path, actual_dir: Path) -> CheckpointDiff:
             a, b = getattr(actual_cfg, name), getattr(expected_cfg, name)
             if a != b:
                 diff.config.append(f"{name}={a!r} (expected {b!r})")
-    expected = dict(iter_tensors(expected_dir))
-    actual = dict(iter_tensors(actual_dir))
-    diff.missing = [k for k in expected if k not in actual]
-    diff.extra = [k for k in actual if k not in expected]
-    for name, e in expected.items():
-        a = actual.get(name)
-        if a is None:
+    # Tensor by tensor, so that a large checkpoint is never held twice.
+    expected_shapes, actual_shapes = tensor_shapes(expected_dir), tensor_shapes(actual_dir)
+    diff.missing = [k for k in expected_shapes if k not in actual_shapes]
+    diff.extra = [k for k in actual_shapes if k not in expected_shapes]
+    actual = TensorReader(actual_dir)
+    for name, e in iter_tensors(expected_dir):
+        if name not in actual_shapes:
             continue
+        a = actual[name]
         if a.shape != e.shape:
             diff.shape.append(f"{name} {list(a.shape)} (expected {list(e.shape)})")
         elif a.dtype != e.dtype:
@@ -189,7 +268,8 @@ def check_round_trip(bridge: Bridge, case: Case, hf_dir: Path, out_dir: Path) ->
         raise PropertyFailure("round_trip", case, f"export wrote no {CONFIG_NAME} into {out_dir}")
     diff = diff_checkpoints(hf_dir, out_dir)
     if diff:
-        raise PropertyFailure("round_trip", case, f"exported checkpoint differs from the original: {diff.summary()}")
+        raise PropertyFailure("round_trip", case, f"exported checkpoint differs from the original: {diff.summary()}",
+                              evidence={"checkpoint_diff": dataclasses.asdict(diff)})
 
 
 # ---------------------------------------------------------------------------- 3. equivalence
@@ -202,43 +282,45 @@ def oracle_trace(case: Case, hf_dir: Path) -> Trace:
     return trace
 
 
-def first_divergence(actual: Trace, expected: Trace, cfg: ErnieMoeConfig) -> str | None:
-    """The first stage, in forward order, where `actual` departs from the oracle; None if none does."""
+def stage_errors(actual: Trace, expected: Trace, cfg: ErnieMoeConfig) -> list[tuple[str, float]]:
+    """(stage, relative error) in forward order: embedding; per layer attention, router choice
+    (fraction of tokens routed to other experts), router weights, and output; final norm; logits.
+    A stage whose shapes disagree gets inf; stages after a missing layer are left out."""
 
-    def stage(name: str, a: torch.Tensor, e: torch.Tensor) -> str | None:
-        if a.shape != e.shape:
-            return f"{name}: shape {list(a.shape)}, expected {list(e.shape)}"
-        err = relative_error(a, e)
-        return f"{name}: relative error {err:.3g} > {FP32_RTOL}" if err > FP32_RTOL else None
+    def err(a: torch.Tensor, e: torch.Tensor) -> float:
+        return relative_error(a, e) if a.shape == e.shape else math.inf
 
-    if (msg := stage("embedding", actual.embeddings, expected.embeddings)) is not None:
-        return msg
-    if len(actual.layers) != len(expected.layers):
-        return f"decoder: {len(actual.layers)} layers, expected {len(expected.layers)}"
+    errors = [("embedding", err(actual.embeddings, expected.embeddings))]
     for i, (a, e) in enumerate(zip(actual.layers, expected.layers)):
         kind = cfg.layer_types[i]
-        if (msg := stage(f"layer {i} ({kind}) attention", a.after_attention, e.after_attention)) is not None:
-            return msg
+        errors.append((f"layer {i} attention", err(a.after_attention, e.after_attention)))
         if (a.routing is None) != (e.routing is None):
-            return f"layer {i}: {'has' if a.routing is not None else 'lacks'} a router, expected a {kind} layer"
-        if e.routing is not None:
+            errors.append((f"layer {i} router choice", math.inf))
+        elif e.routing is not None:
             ours, theirs = a.routing.expert_ids.sort(-1).values, e.routing.expert_ids.sort(-1).values
             if ours.shape != theirs.shape:
-                return f"layer {i} router: {ours.shape[-1]} experts per token, expected {theirs.shape[-1]}"
-            wrong = (ours != theirs).any(-1)
-            if wrong.any():
-                t = int(wrong.nonzero()[0])
-                return (f"layer {i} router choice: token {t} goes to experts {ours[t].tolist()}, "
-                        f"expected {theirs[t].tolist()} ({int(wrong.sum())} of {len(wrong)} tokens differ)")
-            order_a, order_e = a.routing.expert_ids.argsort(-1), e.routing.expert_ids.argsort(-1)
-            wa, we = a.routing.weights.gather(-1, order_a), e.routing.weights.gather(-1, order_e)
-            if (msg := stage(f"layer {i} router weights", wa, we)) is not None:
-                return msg
-        if (msg := stage(f"layer {i} ({kind}) {'experts' if kind == 'moe' else 'mlp'} output", a.output, e.output)) is not None:
-            return msg
-    if (msg := stage("final norm", actual.final_norm, expected.final_norm)) is not None:
-        return msg
-    return stage("output logits", actual.logits, expected.logits)
+                errors.append((f"layer {i} router choice", math.inf))
+            else:
+                errors.append((f"layer {i} router choice", (ours != theirs).any(-1).float().mean().item()))
+                wa = a.routing.weights.gather(-1, a.routing.expert_ids.argsort(-1))
+                we = e.routing.weights.gather(-1, e.routing.expert_ids.argsort(-1))
+                errors.append((f"layer {i} router weights", err(wa, we)))
+        errors.append((f"layer {i} {'experts' if kind == 'moe' else 'mlp'}", err(a.output, e.output)))
+    if len(actual.layers) != len(expected.layers):
+        errors.append((f"decoder has {len(actual.layers)} layers, expected {len(expected.layers)}", math.inf))
+        return errors
+    errors.append(("final norm", err(actual.final_norm, expected.final_norm)))
+    errors.append(("output logits", err(actual.logits, expected.logits)))
+    return errors
+
+
+def first_divergence(errors: list[tuple[str, float]]) -> str | None:
+    """The first stage, in forward order, whose error is over the tolerance."""
+    for stage, error in errors:
+        if error > FP32_RTOL:
+            return f"{stage}: relative error {error:.3g} > {FP32_RTOL}" if "router choice" not in stage else (
+                f"{stage}: {error:.1%} of tokens routed to other experts")
+    return None
 
 
 def check_equivalence(bridge: Bridge, case: Case, hf_dir: Path) -> None:
@@ -246,9 +328,12 @@ def check_equivalence(bridge: Bridge, case: Case, hf_dir: Path) -> None:
     expected = oracle_trace(case, hf_dir)
     chunks = load_bridge_model(bridge, case, hf_dir)
     actual = megatron_trace(chunks, case.inputs.input_ids(case.config.vocab_size))
-    if (where := first_divergence(actual, expected, case.config)) is not None:
-        logits_err = relative_error(actual.logits, expected.logits) if actual.logits.shape == expected.logits.shape else math.inf
-        raise PropertyFailure("equivalence", case, f"first divergence at {where}; logits relative error {logits_err:.3g}")
+    errors = stage_errors(actual, expected, case.config)
+    if (where := first_divergence(errors)) is not None:
+        raise PropertyFailure(
+            "equivalence", case, f"first divergence at {where}; logits relative error {errors[-1][1]:.3g}",
+            evidence={"stage_errors": errors},
+        )
 
 
 # ---------------------------------------------------------------------------- 4. interop
@@ -267,18 +352,6 @@ def check_interop(bridge: Bridge, case: Case, hf_dir: Path, out_dir: Path) -> No
 
 
 # ---------------------------------------------------------------------------- 5. refusal
-@dataclass(frozen=True)
-class Corruption:
-    """One way to break a checkpoint: `kind` in missing, extra, misshaped, config; `target` names it."""
-
-    kind: str
-    target: str
-    detail: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.kind} {self.target}" + (f" ({self.detail})" if self.detail else "")
-
-
 def corrupt_checkpoint(hf_dir: Path, corruption: Corruption) -> None:
     """Apply `corruption` to the single-file checkpoint in `hf_dir`, in place."""
     from safetensors.torch import load_file, save_file

@@ -131,9 +131,10 @@ def inputs(draw: st.DrawFn, max_batch: int = 2, max_seq_len: int = 8) -> Inputs:
 
 
 @st.composite
-def corruptions(draw: st.DrawFn, cfg: ErnieMoeConfig) -> "Corruption":
+def corruptions(draw: st.DrawFn, cfg: ErnieMoeConfig, config_only: bool = False) -> "Corruption":
     """A way to make a checkpoint of `cfg` wrong: a tensor missing, extra or misshaped, or a
-    config.json field that contradicts the weights."""
+    config.json field that contradicts the weights (only the latter with `config_only`, which
+    leaves the weight files untouched)."""
     import json
 
     from ernie_ref import expected_keys
@@ -141,7 +142,7 @@ def corruptions(draw: st.DrawFn, cfg: ErnieMoeConfig) -> "Corruption":
     from .properties import Corruption
 
     keys = expected_keys(cfg)
-    kind = draw(st.sampled_from(["missing", "extra", "misshaped", "config"]))
+    kind = "config" if config_only else draw(st.sampled_from(["missing", "extra", "misshaped", "config"]))
     if kind == "missing":
         return Corruption("missing", draw(st.sampled_from(sorted(keys))))
     if kind == "misshaped":

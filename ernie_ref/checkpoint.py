@@ -25,8 +25,11 @@ __all__ = [
     "check_state_dict",
     "save_checkpoint",
     "load_checkpoint",
+    "open_checkpoint",
     "read_config",
     "iter_tensors",
+    "tensor_shapes",
+    "TensorReader",
     "random_checkpoint",
     "random_state_dict",
     "FP32_TENSOR_SUFFIXES",
@@ -153,30 +156,54 @@ def _weight_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
 
 
+class TensorReader(Mapping[str, torch.Tensor]):
+    """A checkpoint directory as a read-only mapping: each tensor is read when it is looked up,
+    so a caller holds one at a time instead of the whole checkpoint."""
+
+    def __init__(self, path: str | Path):
+        self._files = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for file in _weight_files(Path(path)):
+            handle = safe_open(file, framework="pt")
+            for name in handle.keys():
+                self._files[name] = handle
+                self.shapes[name] = tuple(handle.get_slice(name).get_shape())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._files:
+            raise KeyError(name)
+        return self._files[name].get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
 def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream (name, tensor) pairs shard by shard, so a caller need not hold them all."""
-    for file in _weight_files(Path(path)):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+    """Stream (name, tensor) pairs, one tensor in memory at a time."""
+    yield from TensorReader(path).items()
 
 
 def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """Names and shapes of every tensor, read from the safetensors headers only."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in _weight_files(Path(path)):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                shapes[name] = tuple(f.get_slice(name).get_shape())
-    return shapes
+    return TensorReader(path).shapes
+
+
+def open_checkpoint(path: str | Path) -> tuple[ErnieMoeConfig, TensorReader]:
+    """The config and a lazy reader of the tensors, after checking every name and shape against
+    `expected_keys(config)` (from the safetensors headers, before reading any data)."""
+    cfg = read_config(path)
+    reader = TensorReader(path)
+    check_state_dict(cfg, reader.shapes)
+    return cfg, reader
 
 
 def load_checkpoint(path: str | Path) -> tuple[ErnieMoeConfig, dict[str, torch.Tensor]]:
     """Read a checkpoint directory; the tensors must be exactly those of `expected_keys(config)`."""
-    cfg = read_config(path)
-    check_state_dict(cfg, tensor_shapes(path))  # before reading any data
-    state = {k: v for k, v in iter_tensors(path) if IGNORED_KEY_FRAGMENT not in k}
-    return cfg, state
+    cfg, reader = open_checkpoint(path)
+    return cfg, {k: v for k, v in reader.items() if IGNORED_KEY_FRAGMENT not in k}
 
 
 def save_checkpoint(

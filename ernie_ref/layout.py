@@ -36,3 +36,14 @@ class Layout:
 
     def __str__(self) -> str:
         return f"tp{self.tp}-pp{self.pp}-ep{self.ep}-vpp{self.vpp}"
+
+    @classmethod
+    def parse(cls, text: str) -> Layout:
+        """'tp2-pp1-ep2-vpp1' (as `str` writes it; parts may be left out and default to 1)."""
+        sizes = {}
+        for part in filter(None, text.strip().split("-")):
+            name = part.rstrip("0123456789")
+            if name not in ("tp", "pp", "ep", "vpp") or name == part or name in sizes:
+                raise ValueError(f"layout {text!r}: expected parts like tp2, pp1, ep2, vpp1 joined by '-'")
+            sizes[name] = int(part[len(name):])
+        return cls(**sizes)

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from ernie_ref.checkpoint import CONFIG_NAME, iter_tensors, read_config
+from ernie_ref.checkpoint import CONFIG_NAME, TensorReader, read_config
 from ernie_ref.megatron import ReferenceBridge
 from ernie_ref.megatron.router import ErnieRouter
 
@@ -78,7 +78,7 @@ class LenientLoader(ReferenceBridge):
     name = "lenient-loader"
 
     def read_checkpoint(self, hf_dir):
-        return read_config(hf_dir), dict(iter_tensors(hf_dir))
+        return read_config(hf_dir), TensorReader(hf_dir)
 
     def to_megatron(self, cfg, hf):
         from ernie_ref import expected_keys

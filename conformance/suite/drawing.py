@@ -1,40 +1,59 @@
-"""Drawing one case for the bridge under test, and the scratch directories it needs."""
+"""Drawing one case for the bridge under test, and running a property on it the suite's way."""
 
 from __future__ import annotations
-
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 from hypothesis import reject
 from hypothesis import strategies as st
 
-from ernie_ref.layout import Layout
+from ernie_ref.checkpoint import read_config
 
-from ..bridge import Bridge
-from ..plugin import DECLARED_REFUSALS
-from ..properties import Case
-from ..strategies import configs, inputs, seeds
+from .. import plugin
+from ..counterexample import Counterexample, replay_command
+from ..properties import Case, NearTie, PropertyFailure, run_property
+from ..strategies import configs, corruptions, inputs, seeds
 
 
-def draw_case(data: st.DataObject, bridge: Bridge) -> Case:
-    """Draw a config, weights seed, inputs and layout; a config the bridge declares unsupported
-    is recorded as a declared refusal and the example is rejected (it is not a failure)."""
-    cfg = data.draw(configs(), label="config")
-    reason = bridge.unsupported(cfg)
+def draw_case(data: st.DataObject, suite: plugin.SuiteSession, with_corruption: bool = False) -> Case:
+    """Draw a config (or read the user's checkpoint), weights seed, inputs and layout.
+
+    A config the bridge declares unsupported is recorded as a declared refusal and the example is
+    rejected: it is not a failure.
+    """
+    if suite.checkpoint is not None:
+        cfg = read_config(suite.checkpoint)
+        weights_seed = None
+    else:
+        cfg = data.draw(configs(), label="config")
+        weights_seed = None
+    reason = suite.bridge.unsupported(cfg)
     if reason is not None:
-        DECLARED_REFUSALS[reason] += 1
+        plugin.count_refusal(reason)
         reject()
-    return Case(
+    if suite.checkpoint is None:
+        weights_seed = data.draw(seeds(), label="weights seed")
+    corruption = None
+    if with_corruption:
+        corruption = data.draw(corruptions(cfg, config_only=suite.checkpoint is not None), label="corruption")
+    case = Case(
         config=cfg,
-        weights_seed=data.draw(seeds(), label="weights seed"),
+        weights_seed=weights_seed,
         inputs=data.draw(inputs(), label="inputs"),
-        layout=Layout(),
+        layout=data.draw(st.sampled_from(suite.layouts), label="layout"),
+        corruption=corruption,
+        checkpoint=str(suite.checkpoint) if suite.checkpoint is not None else None,
     )
+    plugin.count_example()
+    return case
 
 
-@contextmanager
-def scratch_dirs(*names: str) -> Iterator[list[Path]]:
-    with tempfile.TemporaryDirectory(prefix="ernie-conformance-") as root:
-        yield [Path(root) / n for n in names]
+def check(prop: str, suite: plugin.SuiteSession, case: Case) -> None:
+    """Run `prop` on `case`; on failure save the counterexample and name its replay command."""
+    try:
+        run_property(prop, suite.bridge, case)
+    except NearTie:
+        reject()
+    except PropertyFailure as failure:
+        example = Counterexample.from_failure(failure, suite.bridge_spec, suite.bridge_version, plugin.current_test())
+        path = example.save(suite.counterexamples)
+        plugin.note_counterexample(path)
+        raise failure.with_replay(replay_command(path)) from None

@@ -1,4 +1,4 @@
-"""The five conformance properties, each over drawn configs, weights and inputs.
+"""The five conformance properties, each over drawn configs, weights, inputs and layouts.
 
 1. import       every parameter and persistent buffer is set from the checkpoint
 2. round_trip   export(load(ckpt)) == ckpt: names, shapes, dtypes, bits, config
@@ -9,64 +9,32 @@
 
 from __future__ import annotations
 
-from hypothesis import given, reject
+from hypothesis import given
 from hypothesis import strategies as st
 
-from conformance.properties import (
-    NearTie,
-    check_equivalence,
-    check_import,
-    check_interop,
-    check_refusal,
-    check_round_trip,
-    write_checkpoint,
-)
-from conformance.strategies import corruptions
-from conformance.suite.drawing import draw_case, scratch_dirs
+from conformance.suite.drawing import check, draw_case
 
 
 @given(data=st.data())
-def test_import(bridge, megatron_runtime, data: st.DataObject) -> None:
-    case = draw_case(data, bridge)
-    with scratch_dirs("hf") as (hf,):
-        write_checkpoint(case, hf)
-        check_import(bridge, case, hf)
+def test_import(suite, data: st.DataObject) -> None:
+    check("import", suite, draw_case(data, suite))
 
 
 @given(data=st.data())
-def test_round_trip(bridge, megatron_runtime, data: st.DataObject) -> None:
-    case = draw_case(data, bridge)
-    with scratch_dirs("hf", "export") as (hf, out):
-        write_checkpoint(case, hf)
-        check_round_trip(bridge, case, hf, out)
+def test_round_trip(suite, data: st.DataObject) -> None:
+    check("round_trip", suite, draw_case(data, suite))
 
 
 @given(data=st.data())
-def test_equivalence(bridge, megatron_runtime, data: st.DataObject) -> None:
-    case = draw_case(data, bridge)
-    with scratch_dirs("hf") as (hf,):
-        write_checkpoint(case, hf)
-        try:
-            check_equivalence(bridge, case, hf)
-        except NearTie:
-            reject()
+def test_equivalence(suite, data: st.DataObject) -> None:
+    check("equivalence", suite, draw_case(data, suite))
 
 
 @given(data=st.data())
-def test_interop(bridge, megatron_runtime, data: st.DataObject) -> None:
-    case = draw_case(data, bridge)
-    with scratch_dirs("hf", "export") as (hf, out):
-        write_checkpoint(case, hf)
-        try:
-            check_interop(bridge, case, hf, out)
-        except NearTie:
-            reject()
+def test_interop(suite, data: st.DataObject) -> None:
+    check("interop", suite, draw_case(data, suite))
 
 
 @given(data=st.data())
-def test_refusal(bridge, megatron_runtime, data: st.DataObject) -> None:
-    case = draw_case(data, bridge)
-    corruption = data.draw(corruptions(case.config), label="corruption")
-    with scratch_dirs("hf") as (hf,):
-        write_checkpoint(case, hf)
-        check_refusal(bridge, case, hf, corruption)
+def test_refusal(suite, data: st.DataObject) -> None:
+    check("refusal", suite, draw_case(data, suite, with_corruption=True))

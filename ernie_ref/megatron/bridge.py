@@ -9,11 +9,13 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
-from ernie_ref.checkpoint import load_checkpoint, save_checkpoint
+from collections.abc import Mapping
+
+from ernie_ref.checkpoint import open_checkpoint, save_checkpoint
 from ernie_ref.config import ErnieMoeConfig
 from ernie_ref.layout import Layout
 
-from .mapping import hf_to_megatron, megatron_to_hf
+from .mapping import MegatronView, megatron_to_hf
 from .model import build_chunks, transformer_config
 from .router import ErnieRouter
 
@@ -26,7 +28,7 @@ class UnsupportedConfig(ValueError):
 
 def _git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=Path(__file__).parent,
                              capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -59,11 +61,13 @@ class ReferenceBridge:
 
     # The steps of a conversion, each a method so that a variant (a deliberately broken bridge
     # in the meta-tests, say) can change one of them.
-    def read_checkpoint(self, hf_dir: Path) -> tuple[ErnieMoeConfig, dict[str, torch.Tensor]]:
-        return load_checkpoint(hf_dir)  # raises naming any missing, extra or misshaped tensor
+    def read_checkpoint(self, hf_dir: Path) -> tuple[ErnieMoeConfig, Mapping[str, torch.Tensor]]:
+        """Config and lazily read tensors; raises naming any missing, extra or misshaped tensor."""
+        return open_checkpoint(hf_dir)
 
-    def to_megatron(self, cfg: ErnieMoeConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return hf_to_megatron(cfg, hf)
+    def to_megatron(self, cfg: ErnieMoeConfig, hf: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """The full Megatron tensors, built one at a time as the model's parameters ask for them."""
+        return MegatronView(cfg, hf)
 
     def to_hf(self, cfg: ErnieMoeConfig, mg: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return megatron_to_hf(cfg, mg)
@@ -79,11 +83,10 @@ class ReferenceBridge:
         full = self.to_megatron(cfg, hf)
         chunks = build_chunks(cfg, self.megatron_config(cfg, layout), layout, self.router_class)
         for chunk in chunks:
-            local = {name: _local_shard(full, name, tensor, chunk) for name, tensor in _own_tensors(chunk).items()}
-            chunk.load_state_dict(local, strict=False)
-            unset = set(_own_tensors(chunk)) - set(local)
-            if unset:
-                raise RuntimeError(f"reference bridge left {sorted(unset)[0]} unset")
+            # Every parameter and persistent buffer, one tensor at a time, in place.
+            with torch.no_grad():
+                for name, target in _own_tensors(chunk).items():
+                    target.copy_(_local_shard(full, name, target, chunk))
             chunk.ernie_config = cfg  # export writes this config back
         return chunks
 
@@ -118,7 +121,7 @@ def _global_name(name: str, chunk: torch.nn.Module) -> str:
     return ".".join(parts)
 
 
-def _local_shard(full: dict[str, torch.Tensor], name: str, local: torch.Tensor, chunk: torch.nn.Module) -> torch.Tensor:
+def _local_shard(full: Mapping[str, torch.Tensor], name: str, local: torch.Tensor, chunk: torch.nn.Module) -> torch.Tensor:
     """The slice of the full Megatron tensor that this rank holds under `name`."""
     global_name = _global_name(name, chunk)
     if global_name not in full:

@@ -10,11 +10,13 @@ Everything else is a rename. The conversion is exact: only views, concatenations
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 import torch
 
 from ernie_ref.config import ErnieMoeConfig
 
-__all__ = ["hf_to_megatron", "megatron_to_hf", "fuse_qkv", "split_qkv"]
+__all__ = ["hf_to_megatron", "megatron_to_hf", "MegatronView", "name_pairs", "fuse_qkv", "split_qkv"]
 
 
 def fuse_qkv(cfg: ErnieMoeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -77,18 +79,37 @@ def name_pairs(cfg: ErnieMoeConfig) -> list[tuple[list[str], str]]:
     return pairs
 
 
-def hf_to_megatron(cfg: ErnieMoeConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def megatron_tensor(cfg: ErnieMoeConfig, hf: Mapping[str, torch.Tensor], hf_names: list[str], mg_name: str) -> torch.Tensor:
+    """One full Megatron tensor, from the HF tensors it is made of."""
+    tensors = [hf[n] for n in hf_names]
+    if mg_name.endswith("linear_qkv.weight"):
+        return fuse_qkv(cfg, *tensors)
+    if mg_name.endswith("router.expert_bias"):
+        return tensors[0].reshape(-1)  # HF [1, E] (one expert group) -> Megatron [E]
+    return torch.cat(tensors, dim=0) if len(tensors) > 1 else tensors[0]
+
+
+class MegatronView(Mapping[str, torch.Tensor]):
+    """The full Megatron state dict of an HF checkpoint, each tensor built when looked up: with a
+    lazy `hf` (a `TensorReader`), loading holds one tensor at a time, never the whole model twice."""
+
+    def __init__(self, cfg: ErnieMoeConfig, hf: Mapping[str, torch.Tensor]):
+        self.cfg, self.hf = cfg, hf
+        self.sources = {mg_name: hf_names for hf_names, mg_name in name_pairs(cfg)}
+
+    def __getitem__(self, mg_name: str) -> torch.Tensor:
+        return megatron_tensor(self.cfg, self.hf, self.sources[mg_name], mg_name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.sources)
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+
+def hf_to_megatron(cfg: ErnieMoeConfig, hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF tensors (as `load_checkpoint` returns them) -> full Megatron state dict."""
-    out = {}
-    for hf_names, mg_name in name_pairs(cfg):
-        tensors = [hf[n] for n in hf_names]
-        if mg_name.endswith("linear_qkv.weight"):
-            out[mg_name] = fuse_qkv(cfg, *tensors)
-        elif mg_name.endswith("router.expert_bias"):
-            out[mg_name] = tensors[0].reshape(-1)  # HF [1, E] (one expert group) -> Megatron [E]
-        else:
-            out[mg_name] = torch.cat(tensors, dim=0) if len(tensors) > 1 else tensors[0]
-    return out
+    return dict(MegatronView(cfg, hf))
 
 
 def megatron_to_hf(cfg: ErnieMoeConfig, mg: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

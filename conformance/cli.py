@@ -1,0 +1,175 @@
+"""`ernie-conformance` (also `python -m conformance`): certify, replay, bridges.
+
+    ernie-conformance certify [--bridge NAME] [--profile ci|thorough] [--layouts L,...]
+                              [--device cpu] [--out DIR] [--checkpoint DIR] [--xfails-file F]
+    ernie-conformance replay FILE
+    ernie-conformance bridges
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _bridges(args: argparse.Namespace) -> int:
+    from .bridge import BridgeNotFound, registered_bridges, resolve_bridge
+
+    rows = []
+    for name, target in sorted(registered_bridges().items()):
+        try:
+            bridge = resolve_bridge(name)
+            rows.append((name, target, bridge.version(), "yes"))
+        except BridgeNotFound as e:
+            rows.append((name, target, "-", f"no: {e}"))
+    width = max(len(r[0]) for r in rows) if rows else 4
+    print(f"{'name'.ljust(width)}  version  importable  target")
+    for name, target, ver, ok in rows:
+        print(f"{name.ljust(width)}  {ver}  {ok}  {target}")
+    return 0
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from .bridge import resolve_bridge
+    from .counterexample import Counterexample
+    from .megatron_runtime import apply_cpu_patches, init_process_group_once
+    from .properties import NearTie, PropertyFailure, run_property
+
+    example = Counterexample.load(args.file)
+    case = example.case()
+    bridge = resolve_bridge(example.bridge)
+    print(f"replaying {example.property} for bridge {example.bridge} {bridge.version()} "
+          f"(saved with {example.bridge_version})")
+    print(f"  {case.describe()}")
+    print(f"  saved failure: {example.message.splitlines()[0]}")
+    apply_cpu_patches()
+    init_process_group_once()
+    try:
+        run_property(example.property, bridge, case)
+    except PropertyFailure as failure:
+        print(f"STILL FAILS: {failure.detail}")
+        errors = failure.evidence.get("stage_errors")
+        if errors:
+            print("  error by stage:")
+            for stage, error in errors:
+                print(f"    {stage:<32} {error:.3g}")
+        return 1
+    except NearTie as tie:
+        print(f"INCONCLUSIVE: {tie}")
+        return 2
+    print("PASSES now")
+    return 0
+
+
+def _certify(args: argparse.Namespace) -> int:
+    from .bridge import BridgeNotFound, resolve_bridge
+
+    if args.device != "cpu":
+        print("certify: --device cuda is not supported by this version of the suite; use --device cpu", file=sys.stderr)
+        return 2
+    try:
+        bridge = resolve_bridge(args.bridge)
+    except BridgeNotFound as e:
+        print(f"certify: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    results_path.unlink(missing_ok=True)
+    jobs = args.jobs if args.jobs is not None else min(os.cpu_count() or 1, 5)
+    command = [
+        sys.executable, "-m", "pytest", "--pyargs", "conformance.suite",
+        "--bridge", args.bridge, f"--hypothesis-profile={args.profile}",
+        "--counterexamples", str(out / "counterexamples"), "--results-json", str(results_path),
+        "--layouts", args.layouts, "--progress", str(out / "progress.log"), "-p", "no:cacheprovider", "-q",
+    ]
+    if jobs > 1:
+        command += ["-n", str(jobs)]
+    if args.max_examples:
+        command += ["--max-examples", str(args.max_examples)]
+    if args.checkpoint:
+        command += ["--checkpoint", str(Path(args.checkpoint).resolve())]
+    if args.xfails_file:
+        command += ["--xfails-file", str(Path(args.xfails_file).resolve())]
+    log, progress = out / "pytest.log", out / "progress.log"
+    progress.write_text("")
+    print(f"certifying {bridge.name} {bridge.version()} with profile {args.profile} "
+          f"({'1 process' if jobs <= 1 else f'{jobs} processes'}); pytest output in {log}", flush=True)
+    with log.open("w") as log_file:
+        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=out)
+        shown = 0
+        while True:
+            finished = proc.poll() is not None
+            lines = progress.read_text().splitlines()
+            for line in lines[shown:]:
+                print(f"  {line}", flush=True)
+            shown = len(lines)
+            if finished:
+                break
+            time.sleep(0.5)
+    if not results_path.is_file():
+        print(f"certify: the suite did not run (pytest exit {proc.returncode}); see {log}", file=sys.stderr)
+        return 2
+
+    from hypothesis import settings
+
+    from . import plugin  # noqa: F401 - registers the profiles
+    from .certificate import build_certificate, write_certificate
+
+    max_examples = args.max_examples or settings.get_profile(args.profile).max_examples
+    certificate = build_certificate(
+        bridge=bridge, bridge_spec=args.bridge, results=json.loads(results_path.read_text()),
+        profile=args.profile, max_examples=max_examples, layouts=[s.strip() for s in args.layouts.split(",")],
+        device=args.device, checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None, out_dir=out,
+    )
+    write_certificate(certificate, out)
+    verdict = "CONFORMS" if certificate["conforms"] else "DOES NOT CONFORM"
+    print(f"{bridge.name} {bridge.version()}: {verdict}; certificate: {out / 'certificate.md'}")
+    for prop, entry in certificate["properties"].items():
+        ce = (entry["failure"] or {}).get("counterexample")
+        print(f"  {prop:<12} {entry['verdict']}" + (f"  (reproduce: {ce['replay']})" if ce else ""))
+    return 0 if certificate["conforms"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    # megatron-core warns about its own optional dependencies on import: noise here.
+    warnings.filterwarnings("ignore", module="megatron")
+    warnings.filterwarnings("ignore", category=UserWarning, message=".*(Apex|Transformer Engine).*")
+    parser = argparse.ArgumentParser(prog="ernie-conformance", description="ERNIE 4.5 MoE bridge conformance suite")
+    sub = parser.add_subparsers(dest="command")
+
+    certify = sub.add_parser("certify", help="run the suite against a bridge and write a certificate")
+    certify.add_argument("--bridge", default="reference", help="registered name or package.module:attribute")
+    certify.add_argument("--profile", default="ci", choices=["dev", "ci", "thorough"])
+    certify.add_argument("--layouts", default="tp1-pp1-ep1-vpp1", help="comma-separated layouts to draw from")
+    certify.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    certify.add_argument("--out", default="certificate", help="directory for the certificate (default ./certificate)")
+    certify.add_argument("--checkpoint", default=None, help="certify on this HF checkpoint instead of drawn weights")
+    certify.add_argument("--xfails-file", default=None, help="known failures of this bridge (test ids)")
+    certify.add_argument("--max-examples", type=int, default=None, help="override the profile's examples per property")
+    certify.add_argument("--jobs", type=int, default=None, help="pytest-xdist processes (default: CPUs, at most 5)")
+    certify.set_defaults(run=_certify)
+
+    replay = sub.add_parser("replay", help="re-run one saved counterexample exactly")
+    replay.add_argument("file")
+    replay.set_defaults(run=_replay)
+
+    bridges = sub.add_parser("bridges", help="list registered bridges, their versions, and whether each imports")
+    bridges.set_defaults(run=_bridges)
+
+    args = parser.parse_args(argv)
+    if args.command is None:  # no arguments: certify the reference bridge on CPU
+        args = parser.parse_args(["certify", *(argv or [])])
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

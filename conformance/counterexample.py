@@ -1,0 +1,113 @@
+"""Counterexamples: a failing (shrunk) example saved as a small JSON file that replays exactly.
+
+The file holds everything `run_property` needs to rebuild the case: the bridge as it was named
+on the command line, the property, the HF config, the weights seed (or the user checkpoint),
+the inputs, the layout and the corruption; plus what was seen (message and evidence).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ernie_ref import ErnieMoeConfig
+from ernie_ref.layout import Layout
+
+from .properties import Case, Corruption, PropertyFailure
+from .strategies import Inputs
+
+__all__ = ["Counterexample", "SCHEMA", "counterexample_dir", "ENV_DIR", "replay_command"]
+
+SCHEMA = "ernie-conformance/counterexample/v1"
+ENV_DIR = "ERNIE_CONFORMANCE_COUNTEREXAMPLES"
+DEFAULT_DIR = "counterexamples"
+
+
+def counterexample_dir(option: str | None = None) -> Path:
+    """Where counterexamples go: the option, else $ERNIE_CONFORMANCE_COUNTEREXAMPLES, else ./counterexamples."""
+    return Path(option or os.environ.get(ENV_DIR) or DEFAULT_DIR)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no inf or NaN: write them as strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+@dataclass
+class Counterexample:
+    property: str
+    bridge: str  # as given to --bridge: a registered name or package.module:attribute
+    bridge_version: str
+    config: dict[str, Any]  # config.json of the case
+    weights_seed: int | None
+    inputs: dict[str, int]
+    layout: dict[str, int]
+    corruption: dict[str, str] | None = None
+    checkpoint: str | None = None
+    message: str = ""
+    evidence: dict[str, Any] = field(default_factory=dict)
+    test: str = ""
+    schema: str = SCHEMA
+
+    @classmethod
+    def from_failure(cls, failure: PropertyFailure, bridge: str, bridge_version: str, test: str = "") -> Counterexample:
+        case = failure.case
+        return cls(
+            property=failure.prop,
+            bridge=bridge,
+            bridge_version=bridge_version,
+            config=case.config.to_hf(),
+            weights_seed=case.weights_seed,
+            inputs=asdict(case.inputs),
+            layout=asdict(case.layout),
+            corruption=asdict(case.corruption) if case.corruption else None,
+            checkpoint=case.checkpoint,
+            message=str(failure).split("\n  reproduce with:")[0],
+            evidence=_finite(failure.evidence),
+            test=test,
+        )
+
+    def case(self) -> Case:
+        return Case(
+            config=ErnieMoeConfig.from_hf(self.config),
+            weights_seed=self.weights_seed,
+            inputs=Inputs(**self.inputs),
+            layout=Layout(**self.layout),
+            corruption=Corruption(**self.corruption) if self.corruption else None,
+            checkpoint=self.checkpoint,
+        )
+
+    def file_name(self) -> str:
+        """Stable for the same bridge and property: each shrink step overwrites the last, so the
+        file that remains is the final, shrunk example."""
+        key = hashlib.sha1(f"{self.bridge}|{self.test or self.property}".encode()).hexdigest()[:8]
+        safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in self.bridge.split(":")[-1])
+        return f"{safe}-{self.property}-{key}.json"
+
+    def save(self, directory: Path) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / self.file_name()
+        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Counterexample:
+        data = json.loads(Path(path).read_text())
+        if data.get("schema") != SCHEMA:
+            raise ValueError(f"{path}: schema {data.get('schema')!r}, expected {SCHEMA!r}")
+        return cls(**data)
+
+
+def replay_command(path: Path) -> str:
+    return f"ernie-conformance replay {path}"
