@@ -11,12 +11,14 @@ import json
 import math
 import os
 import platform
+import textwrap
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from ernie_ref import ErnieMoeConfig
+from ernie_ref.layout import Layout
 
 from .counterexample import Counterexample, replay_command
 from .numerics import FP32_RTOL
@@ -104,7 +106,7 @@ def _failure_entry(result: dict[str, Any], out_dir: Path, prop: str) -> dict[str
         "weights_seed": example.weights_seed,
         "checkpoint": example.checkpoint,
         "inputs": example.inputs,
-        "layout": example.layout,
+        "layout": str(Layout(**example.layout)),
         "corruption": example.corruption,
         "message": example.message,
     }
@@ -119,10 +121,15 @@ def _failure_entry(result: dict[str, Any], out_dir: Path, prop: str) -> dict[str
     return entry
 
 
-def _first_lines(text: str, limit: int = 40) -> str:
-    """The exception lines of pytest's long report: what the failure said, without the traceback."""
-    lines = [line[2:] for line in text.splitlines() if line.startswith("E ")]
-    return "\n".join(lines[:limit]) if lines else "\n".join(text.splitlines()[-limit:])
+def _first_lines(text: str, limit: int = 20) -> str:
+    """What the failure said: the exception lines of pytest's long report, without the traceback
+    and without Hypothesis' dump of the example (the counterexample entry has it, shorter)."""
+    lines = [line[2:] for line in text.splitlines() if line.startswith("E ")] or text.splitlines()[-limit:]
+    for i, line in enumerate(lines):
+        if line.strip().startswith(("Failing test case", "Falsifying example")):
+            lines = lines[:i]
+            break
+    return textwrap.dedent("\n".join(lines[:limit])).strip()
 
 
 def plot_stage_errors(errors: list[tuple[str, float]], path: Path, title: str) -> None:
@@ -141,8 +148,8 @@ def plot_stage_errors(errors: list[tuple[str, float]], path: Path, title: str) -
     ax.axhline(FP32_RTOL, color="black", linestyle="--", linewidth=1, label=f"tolerance {FP32_RTOL:g}")
     ax.set_yscale("log")
     ax.set_xticks(range(len(stages)), stages, rotation=70, ha="right", fontsize=8)
-    ax.set_ylabel("relative error (router choice: fraction of tokens)")
-    ax.set_title(title, fontsize=10)
+    ax.set_ylabel("relative error")
+    ax.set_title(f"{title}\n(router choice: fraction of tokens routed elsewhere; zero drawn at 1e-12)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -165,9 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     bridges = sub.add_parser("bridges", help="list registered bridges, their versions, and whether each imports")
     bridges.set_defaults(run=_bridges)
 
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["certify", *argv]  # no command: certify (by default the reference bridge, on CPU)
     args = parser.parse_args(argv)
-    if args.command is None:  # no arguments: certify the reference bridge on CPU
-        args = parser.parse_args(["certify", *(argv or [])])
     return args.run(args)
 
 

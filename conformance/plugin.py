@@ -101,6 +101,7 @@ _IGNORED_WARNINGS = (
 )
 
 
+@pytest.hookimpl(trylast=True)  # after Hypothesis' plugin has loaded --hypothesis-profile
 def pytest_configure(config: pytest.Config) -> None:
     _PROGRESS["path"] = config.getoption("progress", None)
     _PROGRESS["worker"] = hasattr(config, "workerinput")

@@ -86,3 +86,17 @@ class LenientLoader(ReferenceBridge):
         shapes = expected_keys(cfg)
         complete = {k: hf.get(k) if k in hf and tuple(hf[k].shape) == v else torch.zeros(v) for k, v in shapes.items()}
         return super().to_megatron(cfg, complete)
+
+
+class NormScaledAtOneLayer(ReferenceBridge):
+    """Localisation: a norm weight of one known layer loaded scaled by 2 (`layer`, `norm` set by tests)."""
+
+    name = "norm-scaled-at-one-layer"
+    layer = 1
+    norm = "input_layernorm"  # or "pre_mlp_layernorm"
+
+    def to_megatron(self, cfg, hf):
+        mg = dict(super().to_megatron(cfg, hf))
+        key = f"decoder.layers.{self.layer}.{self.norm}.weight"
+        mg[key] = mg[key] * 2
+        return mg

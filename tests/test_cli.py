@@ -1,0 +1,141 @@
+"""certify, replay and bridges end to end, as a user runs them; localisation; counterexample files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conformance.certificate import validate
+from conformance.counterexample import ENV_DIR, Counterexample
+from conformance.properties import Case, PropertyFailure, run_property
+from conformance.strategies import Inputs
+from ernie_ref import ErnieMoeConfig, random_checkpoint
+
+HERE = Path(__file__).parent
+SMALL = ["--max-examples", "10", "--jobs", "1"]
+
+
+def cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    environ = {**os.environ, "PYTHONPATH": f"{HERE}:{os.environ.get('PYTHONPATH', '')}", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "conformance", *args], cwd=cwd, env=environ,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_certify_reference_conforms(tmp_path: Path) -> None:
+    run = cli("certify", "--out", "cert", *SMALL, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "[5/5]" in run.stdout and "CONFORMS" in run.stdout, run.stdout
+    certificate = json.loads((tmp_path / "cert" / "certificate.json").read_text())
+    validate(certificate)
+    assert certificate["conforms"] and certificate["bridge"]["name"] == "reference"
+    assert {p: e["verdict"] for p, e in certificate["properties"].items()} == dict.fromkeys(certificate["properties"], "pass")
+    assert all(e["examples"] >= 10 for e in certificate["properties"].values())
+    assert any("use_bias" in reason for reason in certificate["refusals"]), certificate["refusals"]
+    assert "**CONFORMS**" in (tmp_path / "cert" / "certificate.md").read_text()
+
+
+def test_no_arguments_certifies_the_reference_bridge(tmp_path: Path) -> None:
+    run = cli(cwd=tmp_path)  # no arguments at all: the reference bridge, ci profile, into ./certificate
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert json.loads((tmp_path / "certificate" / "certificate.json").read_text())["bridge"]["spec"] == "reference"
+
+
+def test_certify_broken_bridge_fails_and_replay_reproduces(tmp_path: Path) -> None:
+    run = cli("certify", "--bridge", "broken_bridges:ExpertBiasWeighsExperts", "--out", "cert", *SMALL, cwd=tmp_path)
+    assert run.returncode == 1, run.stdout + run.stderr
+    certificate = json.loads((tmp_path / "cert" / "certificate.json").read_text())
+    validate(certificate)
+    assert not certificate["conforms"]
+    failure = certificate["properties"]["equivalence"]["failure"]
+    assert certificate["properties"]["equivalence"]["verdict"] == "fail"
+    assert "router weights" in failure["message"], failure["message"]
+    assert (tmp_path / "cert" / failure["plot"]).is_file()
+    assert f"![error by stage]({failure['plot']})" in (tmp_path / "cert" / "certificate.md").read_text()
+    saved = Path(failure["counterexample"]["file"])
+    replay = cli("replay", str(saved), cwd=tmp_path)
+    assert replay.returncode == 1, replay.stdout + replay.stderr
+    first_line = Counterexample.load(saved).message.splitlines()[0].removeprefix("[equivalence] ")
+    assert f"STILL FAILS: {first_line}" in replay.stdout, replay.stdout
+    # The same counterexample against the reference bridge: passes, exit 0.
+    fixed = tmp_path / "fixed.json"
+    fixed.write_text(json.dumps({**json.loads(saved.read_text()), "bridge": "reference"}))
+    replay = cli("replay", str(fixed), cwd=tmp_path)
+    assert replay.returncode == 0 and "PASSES now" in replay.stdout, replay.stdout + replay.stderr
+
+
+def test_certify_on_a_users_sharded_checkpoint(tmp_path: Path) -> None:
+    cfg = ErnieMoeConfig.from_hf(dict(
+        vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, moe_num_experts=4, moe_k=2, moe_intermediate_size=16, moe_num_shared_experts=1,
+        tie_word_embeddings=False))
+    random_checkpoint(cfg, tmp_path / "ckpt", seed=1, max_shard_bytes=20_000)
+    assert (tmp_path / "ckpt" / "model.safetensors.index.json").is_file()
+    run = cli("certify", "--checkpoint", str(tmp_path / "ckpt"), "--out", "cert", *SMALL, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    certificate = json.loads((tmp_path / "cert" / "certificate.json").read_text())
+    assert certificate["checkpoint"] == str((tmp_path / "ckpt").resolve()) and certificate["conforms"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir())[0] == "config.json", "the checkpoint is untouched"
+
+
+def test_certify_on_a_checkpoint_the_bridge_gets_wrong(tmp_path: Path) -> None:
+    cfg = ErnieMoeConfig.from_hf(dict(
+        vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, moe_num_experts=3, moe_k=1, moe_intermediate_size=8, tie_word_embeddings=True))
+    random_checkpoint(cfg, tmp_path / "ckpt", seed=2)
+    run = cli("certify", "--checkpoint", str(tmp_path / "ckpt"), "--bridge", "broken_bridges:GateUpSwappedOnExport",
+              "--out", "cert", *SMALL, cwd=tmp_path)
+    assert run.returncode == 1, run.stdout + run.stderr
+    certificate = json.loads((tmp_path / "cert" / "certificate.json").read_text())
+    failure = certificate["properties"]["round_trip"]["failure"]
+    assert failure["counterexample"]["checkpoint"] == str((tmp_path / "ckpt").resolve())
+    assert failure["checkpoint_diff"]["value"], failure
+
+
+def test_bridges_lists_the_reference_bridge(tmp_path: Path) -> None:
+    run = cli("bridges", cwd=tmp_path)
+    assert run.returncode == 0
+    line = next(line for line in run.stdout.splitlines() if line.startswith("reference"))
+    assert "yes" in line and "ernie_ref.megatron:ReferenceBridge" in line, run.stdout
+
+
+def test_plain_pytest_failure_saves_a_counterexample_named_in_the_message(pytester: pytest.Pytester, tmp_path: Path) -> None:
+    pytester._monkeypatch.setenv("PYTHONPATH", str(HERE), prepend=":")
+    pytester._monkeypatch.setenv(ENV_DIR, str(tmp_path / "ce"))
+    db = tmp_path / "db"
+    result = pytester.runpytest_subprocess(
+        "--pyargs", "conformance", "--bridge", "broken_bridges:GateUpSwappedOnExport", "-k", "round_trip",
+        "--hypothesis-profile=dev", "--hypothesis-db", str(db), "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    [saved] = list((tmp_path / "ce").iterdir())
+    result.stdout.fnmatch_lines([f"*reproduce with: ernie-conformance replay {saved}*"])
+    example = Counterexample.load(saved)
+    assert example.property == "round_trip" and example.evidence["checkpoint_diff"]["value"]
+    assert any(db.rglob("*")), "the failing example went into the Hypothesis database"
+
+
+@pytest.mark.parametrize("layer, norm, expected", [
+    (0, "input_layernorm", "layer 0 attention"),
+    (1, "pre_mlp_layernorm", "layer 1 router"),  # the MoE norm feeds the router first
+    (2, "input_layernorm", "layer 2 attention"),
+    (2, "pre_mlp_layernorm", "layer 2 mlp"),
+])
+def test_localisation_names_the_broken_layer(megatron_runtime, layer: int, norm: str, expected: str) -> None:
+    from broken_bridges import NormScaledAtOneLayer
+
+    bridge = NormScaledAtOneLayer()
+    bridge.layer, bridge.norm = layer, norm
+    cfg = ErnieMoeConfig.from_hf(dict(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, moe_num_experts=4, moe_k=2, moe_intermediate_size=16, moe_layer_start_index=1,
+        moe_layer_end_index=1, tie_word_embeddings=False))
+    assert cfg.layer_types == ["dense", "moe", "dense"]
+    with pytest.raises(PropertyFailure) as info:
+        run_property("equivalence", bridge, Case(cfg, weights_seed=5, inputs=Inputs(2, 6, 0)))
+    assert f"first divergence at {expected}" in info.value.detail, info.value.detail
+    stages = [stage for stage, _ in info.value.evidence["stage_errors"]]
+    assert stages[0] == "embedding" and stages[-1] == "output logits"
