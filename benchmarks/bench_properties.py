@@ -16,6 +16,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
@@ -25,8 +26,9 @@ warnings.filterwarnings("ignore")
 from conformance import properties  # noqa: E402
 from conformance.bridge import resolve_bridge  # noqa: E402
 from conformance.megatron_runtime import apply_cpu_patches, init_process_group_once  # noqa: E402
-from conformance.strategies import corruptions  # noqa: E402
-from conformance.suite.drawing import draw_case, scratch_dirs  # noqa: E402
+from conformance.plugin import SuiteSession  # noqa: E402
+from conformance.suite.drawing import draw_case  # noqa: E402
+from ernie_ref.layout import Layout  # noqa: E402
 
 PHASES: dict[str, float] = defaultdict(float)
 
@@ -44,7 +46,7 @@ def timed(phase: str, fn: Callable) -> Callable:
 
 
 def instrument(bridge) -> None:
-    properties.write_checkpoint = timed("write checkpoint", properties.write_checkpoint)
+    properties.prepare_checkpoint = timed("write checkpoint", properties.prepare_checkpoint)
     properties.load_bridge_model = timed("init + build + load", properties.load_bridge_model)
     properties.megatron_trace = timed("megatron forward", properties.megatron_trace)
     properties.oracle_trace = timed("oracle forward", properties.oracle_trace)
@@ -53,29 +55,18 @@ def instrument(bridge) -> None:
     bridge.export = timed("export", bridge.export)
 
 
-def run_property(name: str, bridge, examples: int) -> tuple[int, float]:
+def run_property(name: str, suite, examples: int) -> tuple[int, float]:
     counts = {"valid": 0}
 
     @settings(max_examples=examples, derandomize=True, database=None, deadline=None,
               suppress_health_check=list(HealthCheck))
     @given(data=st.data())
     def body(data):
-        case = draw_case(data, bridge)
-        with scratch_dirs("hf", "out") as (hf, out):
-            properties.write_checkpoint(case, hf)
-            try:
-                if name == "import":
-                    properties.check_import(bridge, case, hf)
-                elif name == "round_trip":
-                    properties.check_round_trip(bridge, case, hf, out)
-                elif name == "equivalence":
-                    properties.check_equivalence(bridge, case, hf)
-                elif name == "interop":
-                    properties.check_interop(bridge, case, hf, out)
-                else:
-                    properties.check_refusal(bridge, case, hf, data.draw(corruptions(case.config)))
-            except properties.NearTie:
-                reject()
+        case = draw_case(data, suite, with_corruption=name == "refusal")
+        try:
+            properties.run_property(name, suite.bridge, case)
+        except properties.NearTie:
+            reject()
         counts["valid"] += 1
 
     start = time.perf_counter()
@@ -92,10 +83,12 @@ def main() -> None:
     init_process_group_once()
     bridge = resolve_bridge(args.bridge)
     instrument(bridge)
+    suite = SuiteSession(bridge=bridge, bridge_spec=args.bridge, bridge_version=bridge.version(),
+                         counterexamples=Path("counterexamples"), layouts=[Layout()], checkpoint=None)
     rows = []
     for name in ("import", "round_trip", "equivalence", "interop", "refusal"):
         PHASES.clear()
-        valid, seconds = run_property(name, bridge, args.examples)
+        valid, seconds = run_property(name, suite, args.examples)
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         phases = ", ".join(f"{k} {100 * v / seconds:.0f}%" for k, v in sorted(PHASES.items(), key=lambda kv: -kv[1]))
         rows.append((name, valid, seconds, 60 * valid / seconds, peak_mb, phases))
