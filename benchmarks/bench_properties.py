@@ -47,12 +47,10 @@ def timed(phase: str, fn: Callable) -> Callable:
 
 def instrument(bridge) -> None:
     properties.prepare_checkpoint = timed("write checkpoint", properties.prepare_checkpoint)
-    properties.load_bridge_model = timed("init + build + load", properties.load_bridge_model)
-    properties.megatron_trace = timed("megatron forward", properties.megatron_trace)
+    properties.run_on_ranks = timed("megatron side (init, build, load, forward or export)", properties.run_on_ranks)
     properties.oracle_trace = timed("oracle forward", properties.oracle_trace)
     properties.load_transformers_model = timed("transformers load", properties.load_transformers_model)
     properties.diff_checkpoints = timed("compare checkpoints", properties.diff_checkpoints)
-    bridge.export = timed("export", bridge.export)
 
 
 def run_property(name: str, suite, examples: int) -> tuple[int, float]:

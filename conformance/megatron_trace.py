@@ -2,14 +2,16 @@
 
 Forward hooks on the standard GPTModel modules (embedding, decoder layers, pre-MLP norm,
 MoE router, final norm) make this independent of how a bridge built its model, as long as it
-is a Megatron-Core GPTModel. Megatron works in [S, B, H] and orders tokens (s, b); everything
-is turned into the oracle's [B, S, H] and (b, s) order here.
+is a Megatron-Core GPTModel. Each rank records what its own chunks computed (`record_forward`);
+`merge_traces` puts the ranks' records together by global layer number. Megatron works in
+[S, B, H] and orders tokens (s, b); everything is turned into the oracle's [B, S, H] and (b, s)
+order here.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -17,7 +19,7 @@ from ernie_ref import LayerTrace, RoutingTrace, Trace
 
 from .megatron_runtime import causal_mask
 
-__all__ = ["megatron_trace"]
+__all__ = ["record_forward", "merge_traces", "megatron_trace"]
 
 
 def _sb_to_bs(x: torch.Tensor) -> torch.Tensor:
@@ -36,49 +38,117 @@ def _routing(probs: torch.Tensor, routing_map: torch.Tensor, batch: int, seq: in
     return RoutingTrace(expert_ids=expert_ids, weights=weights, margin=torch.full((batch * seq,), math.nan))
 
 
-@torch.no_grad()
-def megatron_trace(chunks: list[torch.nn.Module], input_ids: torch.Tensor) -> Trace:
-    """Forward of a single-stage model (one chunk holding embedding, all layers and output)."""
-    if len(chunks) != 1:
-        raise NotImplementedError(f"megatron_trace runs one pipeline stage; got {len(chunks)} chunks")
-    model = chunks[0]
-    model.eval()
+def _forward(chunks: list[torch.nn.Module], input_ids: torch.Tensor) -> torch.Tensor | None:
+    """Logits [B, S, V] on the last pipeline stage (None elsewhere)."""
     B, S = input_ids.shape
-    record: dict[str, object] = {}
-    layer_records: dict[int, dict[str, object]] = {}
+    position_ids = torch.arange(S).unsqueeze(0).expand(B, S)
+    mask = causal_mask(S)
+    if len(chunks) == 1 and _pipeline_size() == 1:
+        return chunks[0](input_ids=input_ids, position_ids=position_ids, attention_mask=mask)
+    # Several stages: Megatron's own pipeline schedule moves activations between them.
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    logits: dict[str, torch.Tensor] = {}
+
+    def forward_step(data_iterator, model):
+        output = model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask)
+
+        def keep_logits(output_tensor, non_loss_data: bool = False):
+            logits["value"] = output_tensor.detach()
+            zero = output_tensor.float().sum() * 0
+            return zero if non_loss_data else (zero, {})
+
+        return output, keep_logits
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=[iter([None]) for _ in chunks] if len(chunks) > 1 else iter([None]),
+        model=chunks,
+        num_microbatches=1,
+        seq_length=S,
+        micro_batch_size=B,
+        forward_only=True,
+    )
+    return logits.get("value")
+
+
+def _pipeline_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_world_size()
+
+
+@torch.no_grad()
+def record_forward(chunks: list[torch.nn.Module], input_ids: torch.Tensor) -> dict[str, Any]:
+    """What this rank's chunks computed: {"embeddings", "final_norm", "logits": tensor or absent,
+    "layers": {global layer index: {"after_attention", "output", "routing"}}}, in [B, S, ...]."""
+    B, S = input_ids.shape
+    raw: dict[str, Any] = {}
+    layers: dict[int, dict[str, Any]] = {}
     hooks = []
 
-    def keep(key: str, slot: dict) -> Callable:
-        def hook(module, args, output):
-            slot[key] = output
+    def keep(slot: dict, key: str):
+        return lambda module, args, output: slot.__setitem__(key, output)
 
-        return hook
-
-    hooks.append(model.embedding.register_forward_hook(keep("embeddings", record)))
-    for layer in model.decoder.layers:
-        slot = layer_records.setdefault(layer.layer_number - 1, {})
-        hooks.append(layer.register_forward_hook(keep("output", slot)))
-        hooks.append(layer.pre_mlp_layernorm.register_forward_pre_hook(lambda m, args, slot=slot: slot.__setitem__("after_attention", args[0])))
-        router = getattr(layer.mlp, "router", None)
-        if router is not None:
-            hooks.append(router.register_forward_hook(keep("router", slot)))
-    hooks.append(model.decoder.final_layernorm.register_forward_hook(keep("final_norm", record)))
+    for model in chunks:
+        model.eval()
+        if getattr(model, "pre_process", True) and getattr(model, "embedding", None) is not None:
+            hooks.append(model.embedding.register_forward_hook(keep(raw, "embeddings")))
+        for layer in model.decoder.layers:
+            slot = layers.setdefault(layer.layer_number - 1, {})
+            hooks.append(layer.register_forward_hook(keep(slot, "output")))
+            hooks.append(layer.pre_mlp_layernorm.register_forward_pre_hook(
+                lambda m, args, slot=slot: slot.__setitem__("after_attention", args[0])))
+            router = getattr(layer.mlp, "router", None)
+            if router is not None:
+                hooks.append(router.register_forward_hook(keep(slot, "router")))
+        final_norm = getattr(model.decoder, "final_layernorm", None)
+        if final_norm is not None:
+            hooks.append(final_norm.register_forward_hook(keep(raw, "final_norm")))
     try:
-        position_ids = torch.arange(S).unsqueeze(0).expand(B, S)
-        logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=causal_mask(S))
+        logits = _forward(chunks, input_ids)
     finally:
         for h in hooks:
             h.remove()
 
-    trace = Trace(embeddings=_sb_to_bs(record["embeddings"]))
-    for index in sorted(layer_records):
-        slot = layer_records[index]
+    record: dict[str, Any] = {"layers": {}}
+    for key in ("embeddings", "final_norm"):
+        if key in raw:
+            record[key] = _sb_to_bs(raw[key])
+    if logits is not None:
+        record["logits"] = logits.detach()  # GPTModel returns [B, S, V] when no labels are given
+    for index, slot in layers.items():
         output = slot["output"][0] if isinstance(slot["output"], tuple) else slot["output"]
-        routing = None
+        entry = {"after_attention": _sb_to_bs(slot["after_attention"]), "output": _sb_to_bs(output), "routing": None}
         if "router" in slot:
             probs, routing_map = slot["router"]
-            routing = _routing(probs, routing_map, B, S)
-        trace.layers.append(LayerTrace(after_attention=_sb_to_bs(slot["after_attention"]), output=_sb_to_bs(output), routing=routing))
-    trace.final_norm = _sb_to_bs(record["final_norm"])
-    trace.logits = logits.detach()  # GPTModel returns [B, S, V] when no labels are given
+            entry["routing"] = _routing(probs, routing_map, B, S)
+        record["layers"][index] = entry
+    return record
+
+
+def merge_traces(records: list[dict[str, Any]]) -> Trace:
+    """One Trace from every rank's record: each stage from the first rank that computed it."""
+
+    def first(key: str) -> torch.Tensor:
+        for r in records:
+            if key in r:
+                return r[key]
+        raise RuntimeError(f"no rank computed {key}")
+
+    layers: dict[int, dict[str, Any]] = {}
+    for r in records:
+        for index, entry in r["layers"].items():
+            layers.setdefault(index, entry)
+    trace = Trace(embeddings=first("embeddings"))
+    for index in sorted(layers):
+        entry = layers[index]
+        trace.layers.append(LayerTrace(after_attention=entry["after_attention"], output=entry["output"], routing=entry["routing"]))
+    trace.final_norm = first("final_norm")
+    trace.logits = first("logits")
     return trace
+
+
+def megatron_trace(chunks: list[torch.nn.Module], input_ids: torch.Tensor) -> Trace:
+    """The trace of a model held whole by this process (one rank)."""
+    return merge_traces([record_forward(chunks, input_ids)])

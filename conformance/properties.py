@@ -23,8 +23,8 @@ from ernie_ref.layout import Layout
 
 from .bridge import Bridge
 from .hf_transformers import load_transformers_model, run_transformers
-from .megatron_runtime import init_model_parallel
-from .megatron_trace import megatron_trace
+from .distributed import INIT_SEEDS, run_on_ranks
+from .megatron_trace import merge_traces
 from .numerics import FP32_RTOL, ROUTING_MARGIN, relative_error
 from .strategies import Inputs
 
@@ -36,7 +36,6 @@ __all__ = [
     "prepare_checkpoint",
     "run_property",
     "stage_errors",
-    "load_bridge_model",
     "check_import",
     "check_round_trip",
     "check_equivalence",
@@ -105,10 +104,6 @@ class NearTie(Exception):
     """The oracle's routing has a near-tie: the example says nothing about the bridge."""
 
 
-# Seeds for Megatron's own initialisation; two different ones reveal parameters left unloaded.
-INIT_SEEDS = (1234, 4321)
-
-
 PROPERTIES = ("import", "round_trip", "equivalence", "interop", "refusal")
 
 
@@ -155,23 +150,6 @@ def run_property(prop: str, bridge: Bridge, case: Case) -> None:
             check_refusal(bridge, case, hf, case.corruption)
 
 
-def load_bridge_model(bridge: Bridge, case: Case, hf_dir: Path, init_seed: int = INIT_SEEDS[0]) -> list[torch.nn.Module]:
-    layout = case.layout
-    init_model_parallel(layout.tp, layout.pp, layout.ep, layout.vpp if layout.vpp > 1 else None, seed=init_seed)
-    torch.manual_seed(init_seed)
-    return bridge.load(hf_dir, case.layout)
-
-
-def _named_state(chunks: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers of every chunk, keyed `chunk<i>.<name>`."""
-    state = {}
-    for i, chunk in enumerate(chunks):
-        for name, value in chunk.state_dict(keep_vars=False).items():
-            if isinstance(value, torch.Tensor) and not name.endswith("_extra_state"):
-                state[f"chunk{i}.{name}"] = value.detach().clone()
-    return state
-
-
 # ---------------------------------------------------------------------------- 1. import
 def check_import(bridge: Bridge, case: Case, hf_dir: Path) -> None:
     """Every parameter and persistent buffer is set from the checkpoint.
@@ -180,8 +158,8 @@ def check_import(bridge: Bridge, case: Case, hf_dir: Path) -> None:
     init), and no tensor may be constant where the checkpoint has no constant tensor (what is
     constant kept a constant init such as ones for norms or zeros for the expert bias).
     """
-    first = _named_state(load_bridge_model(bridge, case, hf_dir, INIT_SEEDS[0]))
-    second = _named_state(load_bridge_model(bridge, case, hf_dir, INIT_SEEDS[1]))
+    first, second = ({k: v for part in run_on_ranks("state", bridge, case, hf_dir, init_seed=seed) for k, v in part.items()}
+                     for seed in INIT_SEEDS)
     for name, a in first.items():
         b = second.get(name)
         if b is None or a.shape != b.shape or not torch.equal(a, b):
@@ -262,8 +240,7 @@ def diff_checkpoints(expected_dir: Path, actual_dir: Path) -> CheckpointDiff:
 
 def check_round_trip(bridge: Bridge, case: Case, hf_dir: Path, out_dir: Path) -> None:
     """export(load(checkpoint)) is the checkpoint: names, shapes, dtypes, bits, and the config."""
-    chunks = load_bridge_model(bridge, case, hf_dir)
-    bridge.export(chunks, out_dir)
+    run_on_ranks("export", bridge, case, hf_dir, out_dir)
     if not (out_dir / CONFIG_NAME).is_file():
         raise PropertyFailure("round_trip", case, f"export wrote no {CONFIG_NAME} into {out_dir}")
     diff = diff_checkpoints(hf_dir, out_dir)
@@ -326,8 +303,7 @@ def first_divergence(errors: list[tuple[str, float]]) -> str | None:
 def check_equivalence(bridge: Bridge, case: Case, hf_dir: Path) -> None:
     """Megatron logits, every layer's hidden states and the routing decisions match the oracle."""
     expected = oracle_trace(case, hf_dir)
-    chunks = load_bridge_model(bridge, case, hf_dir)
-    actual = megatron_trace(chunks, case.inputs.input_ids(case.config.vocab_size))
+    actual = merge_traces(run_on_ranks("trace", bridge, case, hf_dir))
     errors = stage_errors(actual, expected, case.config)
     if (where := first_divergence(errors)) is not None:
         raise PropertyFailure(
@@ -340,7 +316,7 @@ def check_equivalence(bridge: Bridge, case: Case, hf_dir: Path) -> None:
 def check_interop(bridge: Bridge, case: Case, hf_dir: Path, out_dir: Path) -> None:
     """The exported directory loads in transformers, keys exactly right, and gives the oracle's logits."""
     expected = oracle_trace(case, hf_dir)
-    bridge.export(load_bridge_model(bridge, case, hf_dir), out_dir)
+    run_on_ranks("export", bridge, case, hf_dir, out_dir)
     try:
         model = load_transformers_model(out_dir)
     except Exception as e:  # noqa: BLE001 - any failure to load is the finding
@@ -382,8 +358,8 @@ def corrupt_checkpoint(hf_dir: Path, corruption: Corruption) -> None:
 def check_refusal(bridge: Bridge, case: Case, hf_dir: Path, corruption: Corruption) -> None:
     """A corrupt checkpoint must make `load` raise; accepting it silently is a failure."""
     corrupt_checkpoint(hf_dir, corruption)
-    try:
-        load_bridge_model(bridge, case, hf_dir)
-    except Exception:  # noqa: BLE001 - any exception is a refusal
-        return
-    raise PropertyFailure("refusal", case, f"load accepted a corrupt checkpoint without error: {corruption}")
+    answers = run_on_ranks("refuse", bridge, case, hf_dir)
+    accepted = [rank for rank, error in enumerate(answers) if error is None]
+    if accepted:
+        where = "" if len(answers) == 1 else f" on rank{'s' if len(accepted) > 1 else ''} {', '.join(map(str, accepted))}"
+        raise PropertyFailure("refusal", case, f"load accepted a corrupt checkpoint without error{where}: {corruption}")

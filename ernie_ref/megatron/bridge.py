@@ -7,11 +7,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
 
 from collections.abc import Mapping
 
-from ernie_ref.checkpoint import open_checkpoint, save_checkpoint
+from ernie_ref.checkpoint import expected_keys, open_checkpoint, save_checkpoint
 from ernie_ref.config import ErnieMoeConfig
 from ernie_ref.layout import Layout
 
@@ -82,25 +83,45 @@ class ReferenceBridge:
             raise UnsupportedConfig(f"reference bridge: {reason}")
         full = self.to_megatron(cfg, hf)
         chunks = build_chunks(cfg, self.megatron_config(cfg, layout), layout, self.router_class)
+        full_shapes = {k: tuple(v.shape) for k, v in MegatronView(cfg, _meta_tensors(cfg)).items()}
         for chunk in chunks:
+            chunk.ernie_config = cfg  # export writes this config back
+            chunk.full_shapes = full_shapes  # tells a tensor-parallel shard from a whole tensor
             # Every parameter and persistent buffer, one tensor at a time, in place.
             with torch.no_grad():
                 for name, target in _own_tensors(chunk).items():
                     target.copy_(_local_shard(full, name, target, chunk))
-            chunk.ernie_config = cfg  # export writes this config back
         return chunks
 
     # ------------------------------------------------------------------ Megatron -> HF
     def export(self, chunks: list[torch.nn.Module], out_dir: Path) -> None:
-        if parallel_state.get_tensor_model_parallel_world_size() > 1 or len(chunks) > 1 or (
-            parallel_state.get_pipeline_model_parallel_world_size() > 1
-            or parallel_state.get_expert_model_parallel_world_size() > 1
-        ):
-            raise NotImplementedError("reference bridge: export from a parallel layout is not implemented yet")
-        chunk = chunks[0]
-        cfg: ErnieMoeConfig = chunk.ernie_config
-        mg = {name: t.detach() for name, t in _own_tensors(chunk).items()}
-        self.write_checkpoint(out_dir, cfg, self.to_hf(cfg, mg))
+        cfg: ErnieMoeConfig = chunks[0].ernie_config
+        # Every rank turns its shards into full tensors under global names; rank 0 collects them
+        # all, converts and writes. A stage whose layers are all dense simply has no MoE tensors.
+        mine: dict[str, torch.Tensor] = {}
+        for chunk in chunks:
+            for name, tensor in _own_tensors(chunk).items():
+                global_name = _global_name(name, chunk)
+                full = _gather_shards(tensor, name, chunk)  # collective over the TP group
+                if global_name is not None:
+                    mine[global_name] = full
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            gathered = [mine]
+        else:
+            gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+            dist.gather_object(mine, gathered, dst=0)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            mg = {}
+            for part in gathered:
+                mg.update(part)
+            self.write_checkpoint(out_dir, cfg, self.to_hf(cfg, mg))
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.barrier()  # the directory is complete when export returns, on every rank
+
+
+def _meta_tensors(cfg: ErnieMoeConfig) -> dict[str, torch.Tensor]:
+    """Shape-only stand-ins for the HF tensors, to compute full Megatron shapes without data."""
+    return {k: torch.empty(shape, device="meta") for k, shape in expected_keys(cfg).items()}
 
 
 def _own_tensors(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -108,9 +129,15 @@ def _own_tensors(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in chunk.state_dict().items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
 
 
-def _global_name(name: str, chunk: torch.nn.Module) -> str:
-    """Local name in this chunk -> name in the full model (pipeline layer offset, expert offset)."""
+def _global_name(name: str, chunk: torch.nn.Module) -> str | None:
+    """Local name in this chunk -> name in the full model (pipeline layer offset, expert offset).
+
+    None for the last stage's copy of tied embeddings (`output_layer.weight` when the first
+    stage owns the embedding): it is not a tensor of its own.
+    """
     parts = name.split(".")
+    if name == "output_layer.weight" and chunk.ernie_config.tie_word_embeddings:
+        return None
     if parts[:2] == ["decoder", "layers"]:
         layer = chunk.decoder.layers[int(parts[2])]
         parts[2] = str(layer.layer_number - 1)
@@ -121,18 +148,36 @@ def _global_name(name: str, chunk: torch.nn.Module) -> str:
     return ".".join(parts)
 
 
+def _tp_split(name: str, chunk: torch.nn.Module) -> tuple[int, int]:
+    """(dimension, stride) of the tensor-parallel split of a parameter; fc1 = [gate; up] has stride 2."""
+    param = dict(chunk.named_parameters()).get(name)
+    return getattr(param, "partition_dim", 0), getattr(param, "partition_stride", 1)
+
+
+def _gather_shards(local: torch.Tensor, name: str, chunk: torch.nn.Module) -> torch.Tensor:
+    """The full tensor of which every TP rank holds `local` (itself when it is not split)."""
+    expected = chunk.full_shapes.get(_global_name(name, chunk) or "embedding.word_embeddings.weight")
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1 or expected is None or tuple(local.shape) == expected:
+        return local.detach().clone()
+    dim, stride = _tp_split(name, chunk)
+    shards = [torch.empty_like(local) for _ in range(tp)]
+    dist.all_gather(shards, local.detach().contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    # Each shard is [part_0 of rank r; part_1 of rank r; ...]; reassemble part by part.
+    parts = [torch.cat([shard.chunk(stride, dim=dim)[k] for shard in shards], dim=dim) for k in range(stride)]
+    return torch.cat(parts, dim=dim)
+
+
 def _local_shard(full: Mapping[str, torch.Tensor], name: str, local: torch.Tensor, chunk: torch.nn.Module) -> torch.Tensor:
     """The slice of the full Megatron tensor that this rank holds under `name`."""
-    global_name = _global_name(name, chunk)
+    global_name = _global_name(name, chunk) or "embedding.word_embeddings.weight"
     if global_name not in full:
         raise RuntimeError(f"reference bridge: the model has {name} (global {global_name}), which the mapping lacks")
     tensor = full[global_name]
     if tensor.shape == local.shape:
         return tensor
     # Split along the tensor-parallel dimension; fc1 = [gate; up] is split per half (stride 2).
-    param = dict(chunk.named_parameters()).get(name)
-    dim = getattr(param, "partition_dim", 0)
-    stride = getattr(param, "partition_stride", 1)
+    dim, stride = _tp_split(name, chunk)
     tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     pieces = [part.chunk(tp, dim=dim)[rank] for part in tensor.chunk(stride, dim=dim)]
     shard = torch.cat(pieces, dim=dim)
