@@ -295,6 +295,12 @@ def _set_attr(obj: Any, name: str, value: Any, patch_name: str, why: str) -> Non
     _record(patch_name, why)
 
 
+def _cpu_tensor_cuda(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Stand-in for ``Tensor.cuda()`` without CUDA: the tensor itself, on the CPU."""
+    del args, kwargs
+    return self
+
+
 def _patch_torch_cuda() -> None:
     # (1) torch.cuda.current_device(): Megatron passes it as `device=` when allocating
     #     (router buffers such as expert_bias, rotary inv_freq move, TP gather buffers,
@@ -341,6 +347,17 @@ def _patch_torch_cuda() -> None:
         _cpu_synchronize,
         "torch.cuda.synchronize",
         "no-op (pipeline p2p communication)",
+    )
+    # (3b) Tensor.cuda(): LanguageModule.setup_embeddings_and_output_layer moves the tied
+    # embedding of the first and last pipeline stages with `weight.data.cuda()` before the
+    # all-reduce that makes the two copies equal. Without CUDA the call could only raise;
+    # the tensor stays where it is (on the CPU), which is what every other patch assumes.
+    _set_attr(
+        torch.Tensor,
+        "cuda",
+        _cpu_tensor_cuda,
+        "torch.Tensor.cuda",
+        "returns the tensor itself (tied embeddings across pipeline stages)",
     )
 
 
@@ -716,13 +733,15 @@ def _supported_kwargs(fn: Callable[..., Any], wanted: dict[str, Any]) -> dict[st
     return {k: v for k, v in wanted.items() if k in params}
 
 
-def init_model_parallel(tp: int, pp: int, ep: int, vpp: int | None, seed: int) -> None:
+def init_model_parallel(tp: int, pp: int, ep: int, vpp: int | None, seed: int, etp: int = 1) -> None:
     """(Re-)initialise Megatron's model-parallel state, then seed all RNGs.
 
     Destroys any existing model-parallel state first (see :func:`destroy_model_parallel`),
     so a test process may call this once per example.  Requires the default process group
     (:func:`init_process_group_once`).  ``world_size`` must be a multiple of
-    ``tp * pp`` and of ``tp * ep`` (expert TP defaults to ``tp``; context parallel is 1).
+    ``tp * pp`` and of ``etp * ep * pp``. Expert tensor parallelism ``etp`` is 1 by default
+    (each expert whole on one rank, as `ernie_ref.layout.Layout` assumes); Megatron's own
+    default would be ``tp``. Context parallel is 1.
 
     Process groups are reused across calls (see ``_pooled_new_group``): the first call at
     world size 1 takes ~10 ms (17 gloo groups), later ones ~0.5 ms and create no threads.
@@ -748,6 +767,7 @@ def init_model_parallel(tp: int, pp: int, ep: int, vpp: int | None, seed: int) -
             "pipeline_model_parallel_size": pp,
             "virtual_pipeline_model_parallel_size": vpp,
             "expert_model_parallel_size": ep,
+            "expert_tensor_parallel_size": etp,
             # The backend already is gloo, so Megatron's *extra* gloo copies of the
             # data-parallel groups would only add groups.
             "create_gloo_process_groups": False,

@@ -60,11 +60,14 @@ def _forward(chunks: list[torch.nn.Module], input_ids: torch.Tensor) -> torch.Te
 
         return output, keep_logits
 
+    # The interleaved (virtual pipeline) schedule wants at least pp micro-batches: feed the
+    # same batch that often; every micro-batch computes the same thing.
+    microbatches = _pipeline_size() if len(chunks) > 1 else 1
     get_forward_backward_func()(
         forward_step_func=forward_step,
-        data_iterator=[iter([None]) for _ in chunks] if len(chunks) > 1 else iter([None]),
+        data_iterator=[iter([None] * microbatches) for _ in chunks] if len(chunks) > 1 else iter([None]),
         model=chunks,
-        num_microbatches=1,
+        num_microbatches=microbatches,
         seq_length=S,
         micro_batch_size=B,
         forward_only=True,

@@ -85,9 +85,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--checkpoint", default=None,
                     help="run the properties on this HF checkpoint directory, with drawn inputs and layouts "
                          "instead of drawn weights")
-    group.addoption("--layouts", default="tp1-pp1-ep1-vpp1",
-                    help="comma-separated parallel layouts to draw from, e.g. tp1-pp1-ep1-vpp1")
+    group.addoption("--layouts", default="any",
+                    help="parallel layouts to draw from: 'any' (every layout of up to --max-ranks ranks) or a "
+                         "comma-separated list such as tp1-pp1-ep1-vpp1,tp2-pp2-ep2-vpp1")
+    group.addoption("--max-ranks", type=int, default=4,
+                    help="ranks for --layouts any (default 4); multi-rank layouts run on a pool of this many processes")
     group.addoption("--results-json", default=None, help="write each test's outcome, examples and counterexample here")
+    group.addoption("--no-shrink", action="store_true",
+                    help="report the first failing example as found, without shrinking it (faster, larger)")
     group.addoption("--progress", default=None, help="append a line per finished test to this file (for certify)")
 
 
@@ -110,7 +115,8 @@ def pytest_configure(config: pytest.Config) -> None:
     profile = config.getoption("hypothesis_profile", None) or default_profile()
     max_examples = config.getoption("max_examples")
     db = config.getoption("hypothesis_db") or os.environ.get(ENV_HYPOTHESIS_DB)
-    if max_examples is not None or db:
+    no_shrink = config.getoption("no_shrink", False)
+    if max_examples is not None or db or no_shrink:
         from hypothesis.database import DirectoryBasedExampleDatabase
 
         overrides: dict[str, Any] = {}
@@ -118,7 +124,12 @@ def pytest_configure(config: pytest.Config) -> None:
             overrides["max_examples"] = max_examples
         if db:
             overrides["database"] = DirectoryBasedExampleDatabase(db)
-        name = profile + (f"-n{max_examples}" if max_examples is not None else "") + ("-db" if db else "")
+        if no_shrink:
+            from hypothesis import Phase
+
+            overrides["phases"] = [p for p in Phase if p != Phase.shrink]
+        name = (profile + (f"-n{max_examples}" if max_examples is not None else "") + ("-db" if db else "")
+                + ("-noshrink" if no_shrink else ""))
         settings.register_profile(name, settings.get_profile(profile), **overrides)
         profile = name
     settings.load_profile(profile)
@@ -147,11 +158,14 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         bridge = resolve_bridge(config.getoption("bridge"))
     except BridgeNotFound as e:
         raise pytest.UsageError(str(e)) from e
+    layouts = parse_layouts(config.getoption("layouts"), config.getoption("max_ranks"))
     return [
         f"ernie-conformance {_package_version('ernie-conformance')}: bridge {bridge.name} {bridge.version()}",
         f"megatron-core {_package_version('megatron-core')}, transformers {_package_version('transformers')}, "
         f"torch {_package_version('torch')}; hypothesis profile {settings.get_current_profile_name()} "
         f"({settings.default.max_examples} examples)",
+        f"layouts: {len(layouts)} ({', '.join(map(str, layouts[:6]))}{', ...' if len(layouts) > 6 else ''}), "
+        f"up to {max(layout.world_size for layout in layouts)} ranks",
     ]
 
 
@@ -283,34 +297,69 @@ def megatron_runtime():
     destroy_model_parallel()
 
 
-def parse_layouts(text: str) -> list:
+def parse_layouts(text: str, max_ranks: int) -> list:
+    """The layouts to draw from: every one of up to `max_ranks` ranks for 'any', else the list."""
     from ernie_ref.layout import Layout
 
+    from .strategies import all_layouts
+
+    if text.strip() == "any":
+        if max_ranks < 1:
+            raise pytest.UsageError(f"--max-ranks {max_ranks}: expected at least 1")
+        return all_layouts(max_ranks)
     try:
         layouts = [Layout.parse(t) for t in text.split(",") if t.strip()]
     except ValueError as e:
         raise pytest.UsageError(f"--layouts: {e}") from e
-    too_big = [str(layout) for layout in layouts if layout.world_size > 1]
-    if too_big or not layouts:
-        raise pytest.UsageError(
-            f"--layouts {text!r}: this version of the suite runs one rank; "
-            f"{', '.join(too_big) or 'no layout given'} would need more"
-        )
+    if not layouts:
+        raise pytest.UsageError(f"--layouts {text!r}: no layout given")
     return layouts
 
 
 @pytest.fixture(scope="session")
-def suite(pytestconfig: pytest.Config, bridge, megatron_runtime) -> SuiteSession:
+def rank_pool(pytestconfig: pytest.Config):
+    """A pool of worker processes, one per rank, for layouts of more than one rank; started on
+    first use, closed at the end of the session."""
+    import math
+
+    from . import distributed
+    from .rank_pool import RankPool
+
+    layouts = parse_layouts(pytestconfig.getoption("layouts"), pytestconfig.getoption("max_ranks"))
+    world = math.lcm(*(layout.world_size for layout in layouts))
+    if world == 1:
+        yield None
+        return
+    pool = RankPool(world)
+    distributed.set_pool(pool)
+    try:
+        yield pool
+    finally:
+        distributed.set_pool(None)
+        pool.close()
+
+
+@pytest.fixture(scope="session")
+def suite(pytestconfig: pytest.Config, bridge, megatron_runtime, rank_pool) -> SuiteSession:
+    from ernie_ref.checkpoint import read_config
+
     from .counterexample import counterexample_dir
 
     checkpoint = pytestconfig.getoption("checkpoint")
-    if checkpoint is not None and not Path(checkpoint, "config.json").is_file():
-        raise pytest.UsageError(f"--checkpoint {checkpoint}: no config.json there")
+    layouts = parse_layouts(pytestconfig.getoption("layouts"), pytestconfig.getoption("max_ranks"))
+    if checkpoint is not None:
+        if not Path(checkpoint, "config.json").is_file():
+            raise pytest.UsageError(f"--checkpoint {checkpoint}: no config.json there")
+        cfg = read_config(checkpoint)
+        fitting = [layout for layout in layouts if layout.problem(cfg) is None]
+        if not fitting:
+            raise pytest.UsageError(f"--checkpoint {checkpoint}: no layout of --layouts fits it: {layouts[-1].problem(cfg)}")
+        layouts = fitting
     return SuiteSession(
         bridge=bridge,
         bridge_spec=pytestconfig.getoption("bridge"),
         bridge_version=bridge.version(),
         counterexamples=counterexample_dir(pytestconfig.getoption("counterexamples")).resolve(),
-        layouts=parse_layouts(pytestconfig.getoption("layouts")),
+        layouts=layouts,
         checkpoint=Path(checkpoint).resolve() if checkpoint else None,
     )

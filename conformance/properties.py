@@ -135,19 +135,29 @@ def run_property(prop: str, bridge: Bridge, case: Case) -> None:
     with tempfile.TemporaryDirectory(prefix="ernie-conformance-") as root:
         workdir = Path(root)
         hf = prepare_checkpoint(case, workdir)
-        out = workdir / "export"
-        if prop == "import":
-            check_import(bridge, case, hf)
-        elif prop == "round_trip":
-            check_round_trip(bridge, case, hf, out)
-        elif prop == "equivalence":
-            check_equivalence(bridge, case, hf)
-        elif prop == "interop":
-            check_interop(bridge, case, hf, out)
-        else:
-            if case.corruption is None:
-                raise ValueError("the refusal property needs a case with a corruption")
-            check_refusal(bridge, case, hf, case.corruption)
+        try:
+            _run_checks(prop, bridge, case, hf, workdir / "export")
+        except (PropertyFailure, NearTie):
+            raise
+        except Exception as e:  # noqa: BLE001 - a bridge that raises on a valid checkpoint fails the property
+            last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+            raise PropertyFailure(prop, case, f"the bridge raised {type(e).__name__} on a valid checkpoint: {last}"
+                                  + (f"\n{e}" if "\n" in str(e) else "")) from e
+
+
+def _run_checks(prop: str, bridge: Bridge, case: Case, hf: Path, out: Path) -> None:
+    if prop == "import":
+        check_import(bridge, case, hf)
+    elif prop == "round_trip":
+        check_round_trip(bridge, case, hf, out)
+    elif prop == "equivalence":
+        check_equivalence(bridge, case, hf)
+    elif prop == "interop":
+        check_interop(bridge, case, hf, out)
+    elif case.corruption is None:
+        raise ValueError("the refusal property needs a case with a corruption")
+    else:
+        check_refusal(bridge, case, hf, case.corruption)
 
 
 # ---------------------------------------------------------------------------- 1. import

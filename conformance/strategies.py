@@ -14,8 +14,9 @@ import torch
 from hypothesis import strategies as st
 
 from ernie_ref import ErnieMoeConfig
+from ernie_ref.layout import Layout
 
-__all__ = ["ConfigLimits", "configs", "layer_patterns", "seeds", "Inputs", "inputs", "make_input_ids", "corruptions"]
+__all__ = ["ConfigLimits", "configs", "layouts", "layer_patterns", "seeds", "Inputs", "inputs", "make_input_ids", "corruptions"]
 
 
 @dataclass(frozen=True)
@@ -49,15 +50,44 @@ def layer_patterns(draw: st.DrawFn, num_layers: int) -> dict[str, int]:
     return {"moe_layer_start_index": start, "moe_layer_end_index": end, "moe_layer_interval": interval}
 
 
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def all_layouts(max_world: int) -> list[Layout]:
+    """Every layout whose world (pp * lcm(tp, ep)) divides `max_world`, smallest worlds first (so
+    that Hypothesis shrinks towards one rank); vpp 2 wherever there are pipeline stages."""
+    found = {
+        Layout(tp=tp, pp=pp, ep=ep, vpp=vpp)
+        for pp in _divisors(max_world)
+        for tp in _divisors(max_world // pp)
+        for ep in _divisors(max_world // pp)
+        for vpp in ((1, 2) if pp > 1 else (1,))
+    }
+    return sorted(found, key=lambda l: (l.world_size, l.pp, l.vpp, l.tp, l.ep))
+
+
+def layouts(max_world: int) -> st.SearchStrategy[Layout]:
+    return st.sampled_from(all_layouts(max_world))
+
+
 @st.composite
-def configs(draw: st.DrawFn, limits: ConfigLimits = ConfigLimits(), **fixed: Any) -> ErnieMoeConfig:
-    """A small, valid `ErnieMoeConfig`. Keyword arguments fix HF config keys instead of drawing them."""
+def configs(draw: st.DrawFn, limits: ConfigLimits = ConfigLimits(), layout: Layout = Layout(), **fixed: Any) -> ErnieMoeConfig:
+    """A small, valid `ErnieMoeConfig` that `layout` can split. Keyword arguments fix HF config
+    keys instead of drawing them.
+
+    The layout's divisibility rules are met by construction: layers in multiples of pp * vpp,
+    key/value heads, vocab and MLP widths in multiples of tp (routed experts are whole on one
+    rank, but the shared-expert width moe_intermediate_size * shared must split), experts in
+    multiples of ep.
+    """
 
     def pick(name: str, strategy: st.SearchStrategy[Any]) -> Any:
         return fixed[name] if name in fixed else draw(strategy)
 
-    num_layers = pick("num_hidden_layers", st.integers(1, limits.max_layers))
-    kv_heads = pick("num_key_value_heads", st.integers(1, limits.max_kv_heads))
+    tp, stages = layout.tp, layout.pp * layout.vpp
+    num_layers = pick("num_hidden_layers", st.integers(1, max(1, limits.max_layers // stages)).map(lambda n: n * stages))
+    kv_heads = pick("num_key_value_heads", st.integers(1, max(1, limits.max_kv_heads // tp)).map(lambda n: n * tp))
     group = draw(st.integers(1, limits.max_group))
     heads = pick("num_attention_heads", st.just(kv_heads * group))
     head_dim = pick("head_dim", st.integers(1, limits.max_head_dim // 2).map(lambda n: 2 * n))
@@ -68,17 +98,18 @@ def configs(draw: st.DrawFn, limits: ConfigLimits = ConfigLimits(), **fixed: Any
     else:
         hidden = pick("hidden_size", st.integers(2, limits.max_hidden // 2).map(lambda n: 2 * n))
         explicit_head_dim = True
-    experts = pick("moe_num_experts", st.integers(2, limits.max_experts))
+    min_experts = max(1, 2 // layout.ep)  # at least two experts, so that routing chooses
+    experts = pick("moe_num_experts", st.integers(min_experts, max(min_experts, limits.max_experts // layout.ep)).map(lambda n: n * layout.ep))
     hf: dict[str, Any] = {
-        "vocab_size": pick("vocab_size", st.integers(8, limits.max_vocab)),
+        "vocab_size": pick("vocab_size", st.integers(max(1, 8 // tp), limits.max_vocab // tp).map(lambda n: n * tp)),
         "hidden_size": hidden,
-        "intermediate_size": pick("intermediate_size", st.integers(4, 64)),
+        "intermediate_size": pick("intermediate_size", st.integers(max(1, 4 // tp), 64 // tp).map(lambda n: n * tp)),
         "num_hidden_layers": num_layers,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "moe_num_experts": experts,
         "moe_k": pick("moe_k", st.integers(1, experts)),
-        "moe_intermediate_size": pick("moe_intermediate_size", st.integers(2, 32)),
+        "moe_intermediate_size": pick("moe_intermediate_size", st.integers(max(1, 2 // tp), 32 // tp).map(lambda n: n * tp)),
         "moe_num_shared_experts": pick("moe_num_shared_experts", st.integers(0, 2)),
         "tie_word_embeddings": pick("tie_word_embeddings", st.booleans()),
         # One draw in four: bridges commonly declare use_bias unsupported, which rejects the example.

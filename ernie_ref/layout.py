@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import ErnieMoeConfig
 
 __all__ = ["Layout"]
 
@@ -36,6 +40,22 @@ class Layout:
 
     def __str__(self) -> str:
         return f"tp{self.tp}-pp{self.pp}-ep{self.ep}-vpp{self.vpp}"
+
+    def problem(self, cfg: ErnieMoeConfig) -> str | None:
+        """Why `cfg` cannot be split this way (naming the field and what was expected), or None."""
+        stages = self.pp * self.vpp
+        rules = [
+            ("num_hidden_layers", cfg.num_hidden_layers, stages, f"pp * vpp = {stages}"),
+            ("num_key_value_heads", cfg.num_key_value_heads, self.tp, f"tp = {self.tp}"),
+            ("vocab_size", cfg.vocab_size, self.tp, f"tp = {self.tp}"),
+            ("intermediate_size", cfg.intermediate_size, self.tp, f"tp = {self.tp}"),
+            ("moe_intermediate_size * moe_num_shared_experts", cfg.shared_intermediate_size, self.tp, f"tp = {self.tp}"),
+            ("moe_num_experts", cfg.moe_num_experts, self.ep, f"ep = {self.ep}"),
+        ]
+        for field_name, value, divisor, what in rules:
+            if value % divisor:
+                return f"layout {self}: config field {field_name}={value} is not divisible by {what}"
+        return None
 
     @classmethod
     def parse(cls, text: str) -> Layout:

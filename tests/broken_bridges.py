@@ -100,3 +100,45 @@ class NormScaledAtOneLayer(ReferenceBridge):
         key = f"decoder.layers.{self.layer}.{self.norm}.weight"
         mg[key] = mg[key] * 2
         return mg
+
+
+# Bridges right on one rank and wrong only when the model is split: caught only by layouts.
+class GateUpSplitContiguouslyUnderTP(ReferenceBridge):
+    """tp > 1: fc1 = [gate; up] cut into contiguous pieces, so rank 0 gets gate only."""
+
+    name = "gate-up-split-contiguously-under-tp"
+
+    def tp_split(self, name, chunk):
+        dim, _ = super().tp_split(name, chunk)
+        return dim, 1
+
+
+class ExpertOffsetIgnoredUnderEP(ReferenceBridge):
+    """ep > 1: every expert-parallel rank loads experts 0.. instead of its own slice."""
+
+    name = "expert-offset-ignored-under-ep"
+
+    def global_name(self, name, chunk):
+        full = super().global_name(name, chunk)
+        if full is None or "local_experts" not in name:
+            return full
+        parts, local = full.split("."), name.split(".")
+        i = local.index("local_experts") + 1
+        parts[i] = local[i]
+        return ".".join(parts)
+
+
+class LayerOffsetIgnoredUnderPP(ReferenceBridge):
+    """pp > 1: every pipeline stage loads layers 0.. instead of its own (checked by layer type)."""
+
+    name = "layer-offset-ignored-under-pp"
+
+    def global_name(self, name, chunk):
+        full = super().global_name(name, chunk)
+        if full is None or not name.startswith("decoder.layers."):
+            return full
+        local_index = name.split(".")[2]
+        candidate = full.split(".")
+        candidate[2] = local_index
+        candidate = ".".join(candidate)
+        return candidate if candidate in chunk.full_shapes else full

@@ -19,12 +19,12 @@ def draw_case(data: st.DataObject, suite: plugin.SuiteSession, with_corruption: 
     A config the bridge declares unsupported is recorded as a declared refusal and the example is
     rejected: it is not a failure.
     """
+    layout = data.draw(st.sampled_from(suite.layouts), label="layout")
     if suite.checkpoint is not None:
-        cfg = read_config(suite.checkpoint)
-        weights_seed = None
+        cfg = read_config(suite.checkpoint)  # the suite fixture kept only layouts that fit it
     else:
-        cfg = data.draw(configs(), label="config")
-        weights_seed = None
+        cfg = data.draw(configs(layout=layout), label="config")
+    weights_seed = None
     reason = suite.bridge.unsupported(cfg)
     if reason is not None:
         plugin.count_refusal(reason)
@@ -38,7 +38,7 @@ def draw_case(data: st.DataObject, suite: plugin.SuiteSession, with_corruption: 
         config=cfg,
         weights_seed=weights_seed,
         inputs=data.draw(inputs(), label="inputs"),
-        layout=data.draw(st.sampled_from(suite.layouts), label="layout"),
+        layout=layout,
         corruption=corruption,
         checkpoint=str(suite.checkpoint) if suite.checkpoint is not None else None,
     )

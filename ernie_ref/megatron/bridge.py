@@ -76,11 +76,21 @@ class ReferenceBridge:
     def write_checkpoint(self, out_dir: Path, cfg: ErnieMoeConfig, hf: dict[str, torch.Tensor]) -> None:
         save_checkpoint(out_dir, cfg, hf)
 
+    def global_name(self, name: str, chunk: torch.nn.Module) -> str | None:
+        """This chunk's tensor `name` in the full model (pipeline and expert offsets applied)."""
+        return _global_name(name, chunk)
+
+    def tp_split(self, name: str, chunk: torch.nn.Module) -> tuple[int, int]:
+        """(dimension, stride) of the tensor-parallel split of parameter `name`."""
+        return _tp_split(name, chunk)
+
     # ------------------------------------------------------------------ HF -> Megatron
     def load(self, hf_dir: Path, layout: Layout) -> list[torch.nn.Module]:
         cfg, hf = self.read_checkpoint(hf_dir)
         if (reason := self.unsupported(cfg)) is not None:
             raise UnsupportedConfig(f"reference bridge: {reason}")
+        if (problem := layout.problem(cfg)) is not None:
+            raise ValueError(f"reference bridge: {problem}")
         full = self.to_megatron(cfg, hf)
         chunks = build_chunks(cfg, self.megatron_config(cfg, layout), layout, self.router_class)
         full_shapes = {k: tuple(v.shape) for k, v in MegatronView(cfg, _meta_tensors(cfg)).items()}
@@ -90,7 +100,7 @@ class ReferenceBridge:
             # Every parameter and persistent buffer, one tensor at a time, in place.
             with torch.no_grad():
                 for name, target in _own_tensors(chunk).items():
-                    target.copy_(_local_shard(full, name, target, chunk))
+                    target.copy_(_local_shard(self, full, name, target, chunk))
         return chunks
 
     # ------------------------------------------------------------------ Megatron -> HF
@@ -101,8 +111,8 @@ class ReferenceBridge:
         mine: dict[str, torch.Tensor] = {}
         for chunk in chunks:
             for name, tensor in _own_tensors(chunk).items():
-                global_name = _global_name(name, chunk)
-                full = _gather_shards(tensor, name, chunk)  # collective over the TP group
+                global_name = self.global_name(name, chunk)
+                full = _gather_shards(self, tensor, name, chunk)  # collective over the TP group
                 if global_name is not None:
                     mine[global_name] = full
         if not dist.is_initialized() or dist.get_world_size() == 1:
@@ -110,13 +120,15 @@ class ReferenceBridge:
         else:
             gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
             dist.gather_object(mine, gathered, dst=0)
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            mg = {}
-            for part in gathered:
-                mg.update(part)
-            self.write_checkpoint(out_dir, cfg, self.to_hf(cfg, mg))
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.barrier()  # the directory is complete when export returns, on every rank
+        try:
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                mg = {}
+                for part in gathered:
+                    mg.update(part)
+                self.write_checkpoint(out_dir, cfg, self.to_hf(cfg, mg))
+        finally:  # even when rank 0 fails to write, no rank is left waiting for it
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.barrier()  # the directory is complete when export returns, on every rank
 
 
 def _meta_tensors(cfg: ErnieMoeConfig) -> dict[str, torch.Tensor]:
@@ -154,13 +166,13 @@ def _tp_split(name: str, chunk: torch.nn.Module) -> tuple[int, int]:
     return getattr(param, "partition_dim", 0), getattr(param, "partition_stride", 1)
 
 
-def _gather_shards(local: torch.Tensor, name: str, chunk: torch.nn.Module) -> torch.Tensor:
+def _gather_shards(bridge: ReferenceBridge, local: torch.Tensor, name: str, chunk: torch.nn.Module) -> torch.Tensor:
     """The full tensor of which every TP rank holds `local` (itself when it is not split)."""
-    expected = chunk.full_shapes.get(_global_name(name, chunk) or "embedding.word_embeddings.weight")
+    expected = chunk.full_shapes.get(bridge.global_name(name, chunk) or "embedding.word_embeddings.weight")
     tp = parallel_state.get_tensor_model_parallel_world_size()
     if tp == 1 or expected is None or tuple(local.shape) == expected:
         return local.detach().clone()
-    dim, stride = _tp_split(name, chunk)
+    dim, stride = bridge.tp_split(name, chunk)
     shards = [torch.empty_like(local) for _ in range(tp)]
     dist.all_gather(shards, local.detach().contiguous(), group=parallel_state.get_tensor_model_parallel_group())
     # Each shard is [part_0 of rank r; part_1 of rank r; ...]; reassemble part by part.
@@ -168,16 +180,18 @@ def _gather_shards(local: torch.Tensor, name: str, chunk: torch.nn.Module) -> to
     return torch.cat(parts, dim=dim)
 
 
-def _local_shard(full: Mapping[str, torch.Tensor], name: str, local: torch.Tensor, chunk: torch.nn.Module) -> torch.Tensor:
+def _local_shard(
+    bridge: ReferenceBridge, full: Mapping[str, torch.Tensor], name: str, local: torch.Tensor, chunk: torch.nn.Module
+) -> torch.Tensor:
     """The slice of the full Megatron tensor that this rank holds under `name`."""
-    global_name = _global_name(name, chunk) or "embedding.word_embeddings.weight"
+    global_name = bridge.global_name(name, chunk) or "embedding.word_embeddings.weight"
     if global_name not in full:
         raise RuntimeError(f"reference bridge: the model has {name} (global {global_name}), which the mapping lacks")
     tensor = full[global_name]
     if tensor.shape == local.shape:
         return tensor
     # Split along the tensor-parallel dimension; fc1 = [gate; up] is split per half (stride 2).
-    dim, stride = _tp_split(name, chunk)
+    dim, stride = bridge.tp_split(name, chunk)
     tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     pieces = [part.chunk(tp, dim=dim)[rank] for part in tensor.chunk(stride, dim=dim)]
     shard = torch.cat(pieces, dim=dim)
