@@ -69,6 +69,16 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layout_names(text: str) -> list[str]:
+    from ernie_ref.layout import Layout
+
+    from .strategies import all_layouts
+
+    if text.strip() == "any":
+        return [str(layout) for layout in all_layouts(4)]
+    return [str(Layout.parse(t)) for t in text.split(",") if t.strip()]
+
+
 def _certify(args: argparse.Namespace) -> int:
     from .bridge import BridgeNotFound, resolve_bridge
 
@@ -84,7 +94,9 @@ def _certify(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
     results_path.unlink(missing_ok=True)
-    jobs = args.jobs if args.jobs is not None else min(os.cpu_count() or 1, 5)
+    # Multi-rank layouts run on one pool of rank processes per pytest process: one pytest process
+    # unless there are cores for several pools.
+    jobs = args.jobs if args.jobs is not None else max(1, min((os.cpu_count() or 1) // 4, 5))
     command = [
         sys.executable, "-m", "pytest", "--pyargs", "conformance.suite",
         "--bridge", args.bridge, f"--hypothesis-profile={args.profile}",
@@ -127,7 +139,7 @@ def _certify(args: argparse.Namespace) -> int:
     max_examples = args.max_examples or settings.get_profile(args.profile).max_examples
     certificate = build_certificate(
         bridge=bridge, bridge_spec=args.bridge, results=json.loads(results_path.read_text()),
-        profile=args.profile, max_examples=max_examples, layouts=[s.strip() for s in args.layouts.split(",")],
+        profile=args.profile, max_examples=max_examples, layouts=_layout_names(args.layouts),
         device=args.device, checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None, out_dir=out,
     )
     write_certificate(certificate, out)
@@ -149,13 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     certify = sub.add_parser("certify", help="run the suite against a bridge and write a certificate")
     certify.add_argument("--bridge", default="reference", help="registered name or package.module:attribute")
     certify.add_argument("--profile", default="ci", choices=["dev", "ci", "thorough"])
-    certify.add_argument("--layouts", default="tp1-pp1-ep1-vpp1", help="comma-separated layouts to draw from")
+    certify.add_argument("--layouts", default="any",
+                         help="'any' (every layout of up to 4 ranks) or comma-separated layouts such as tp2-pp1-ep1-vpp1")
     certify.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     certify.add_argument("--out", default="certificate", help="directory for the certificate (default ./certificate)")
     certify.add_argument("--checkpoint", default=None, help="certify on this HF checkpoint instead of drawn weights")
     certify.add_argument("--xfails-file", default=None, help="known failures of this bridge (test ids)")
     certify.add_argument("--max-examples", type=int, default=None, help="override the profile's examples per property")
-    certify.add_argument("--jobs", type=int, default=None, help="pytest-xdist processes (default: CPUs, at most 5)")
+    certify.add_argument("--jobs", type=int, default=None, help="pytest-xdist processes (default: CPUs / 4, at most 5)")
     certify.set_defaults(run=_certify)
 
     replay = sub.add_parser("replay", help="re-run one saved counterexample exactly")
