@@ -151,6 +151,35 @@ def _certify(args: argparse.Namespace) -> int:
     return 0 if certificate["conforms"] else 1
 
 
+def _kill_matrix(args: argparse.Namespace) -> int:
+    from .kill_matrix import kill_matrix, render_markdown
+
+    names = [n.strip() for n in args.mutants.split(",") if n.strip()] if args.mutants else None
+
+    def progress(run) -> None:
+        if run.error:
+            print(f"{run.mutant}: ERROR {run.error[-500:]}", flush=True)
+            return
+        fastest = run.fastest()
+        verdict = (f"killed by {fastest.prop} at example {fastest.examples} in {fastest.seconds:.1f}s" if fastest
+                   else "SURVIVED")
+        print(f"{run.mutant}: {verdict}", flush=True)
+
+    start = time.perf_counter()
+    try:
+        runs = kill_matrix(names, jobs=args.jobs, profile=args.profile, progress=progress)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    text = render_markdown(runs, args.profile, time.perf_counter() - start)
+    print(text)
+    if args.out != "-":
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        print(f"written to {args.out}")
+    return 0 if all(run.killed and not run.error for run in runs) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     # megatron-core warns about its own optional dependencies on import: noise here.
     warnings.filterwarnings("ignore", module="megatron")
@@ -177,6 +206,14 @@ def main(argv: list[str] | None = None) -> int:
 
     bridges = sub.add_parser("bridges", help="list registered bridges, their versions, and whether each imports")
     bridges.set_defaults(run=_bridges)
+
+    matrix = sub.add_parser("kill-matrix", help="run every property against every mutant (broken bridge) and "
+                                                "write the kill matrix")
+    matrix.add_argument("--out", default="docs/kill-matrix.md", help="markdown file to write ('-': print only)")
+    matrix.add_argument("--mutants", default=None, help="comma-separated mutant names (default: all)")
+    matrix.add_argument("--profile", default="ci", choices=["dev", "ci", "thorough"])
+    matrix.add_argument("--jobs", type=int, default=1, help="mutants run at once (each a pytest process)")
+    matrix.set_defaults(run=_kill_matrix)
 
     argv = sys.argv[1:] if argv is None else argv
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):

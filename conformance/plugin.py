@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -37,6 +39,10 @@ _CURRENT_TEST = ""
 _EXAMPLES: Counter[str] = Counter()
 _REFUSALS: dict[str, Counter[str]] = {}
 _COUNTEREXAMPLES: dict[str, str] = {}
+# The first failing example of each test, before any shrinking: (examples drawn, seconds since
+# the test started). The kill matrix reads it as "examples and time to kill".
+_FIRST_FAILURE: dict[str, tuple[int, float]] = {}
+_TEST_STARTED = {"at": 0.0}
 
 
 @dataclass
@@ -58,6 +64,11 @@ def count_example() -> None:
 
 def count_refusal(reason: str) -> None:
     _REFUSALS.setdefault(_CURRENT_TEST, Counter())[reason] += 1
+
+
+def note_failure() -> None:
+    """Called on every failing example; keeps the first one of the current test."""
+    _FIRST_FAILURE.setdefault(_CURRENT_TEST, (_EXAMPLES[_CURRENT_TEST], time.perf_counter() - _TEST_STARTED["at"]))
 
 
 def note_counterexample(path: Path) -> None:
@@ -133,6 +144,10 @@ def pytest_configure(config: pytest.Config) -> None:
         settings.register_profile(name, settings.get_profile(profile), **overrides)
         profile = name
     settings.load_profile(profile)
+    world = _launcher_world()
+    if world is not None:
+        check_layouts_fit_world(parse_layouts(config.getoption("layouts"), config.getoption("max_ranks")),
+                                world.world_size, config.getoption("layouts"), config.getoption("max_ranks"))
 
 
 def _package_version(name: str) -> str:
@@ -188,6 +203,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_call(item: pytest.Item):
     global _CURRENT_TEST
     _CURRENT_TEST = item.nodeid
+    _TEST_STARTED["at"] = time.perf_counter()
     yield
     _CURRENT_TEST = ""
 
@@ -201,6 +217,9 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         report.user_properties.append(("refusals", dict(_REFUSALS.pop(item.nodeid, {}))))
         if item.nodeid in _COUNTEREXAMPLES:
             report.user_properties.append(("counterexample", _COUNTEREXAMPLES.pop(item.nodeid)))
+        if item.nodeid in _FIRST_FAILURE:
+            example, seconds = _FIRST_FAILURE.pop(item.nodeid)
+            report.user_properties.append(("first_failure", {"example": example, "seconds": round(seconds, 3)}))
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -219,6 +238,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
             "duration_s": round(report.duration, 3),
             "examples": props.get("examples", 0),
             "counterexample": props.get("counterexample"),
+            "first_failure": props.get("first_failure"),
             "message": report.longreprtext if report.failed else "",
         })
         _write_progress(_SESSION.results[-1])
@@ -316,15 +336,58 @@ def parse_layouts(text: str, max_ranks: int) -> list:
     return layouts
 
 
+def check_layouts_fit_world(layouts: list, world_size: int, layouts_option: str, max_ranks: int) -> None:
+    """Raise a usage error unless every layout's ranks divide a launched world of `world_size` ranks.
+
+    Every example runs on every rank of such a world (a layout of fewer ranks is replicated,
+    data-parallel), so a layout of 3 ranks cannot run on 4, nor one of 4 ranks on 2.
+    """
+    import math
+
+    misfits = [layout for layout in layouts if world_size % layout.world_size]
+    if not misfits:
+        return
+    needed = math.lcm(*(layout.world_size for layout in layouts))
+    if layouts_option.strip() == "any":
+        raise pytest.UsageError(
+            f"--max-ranks {max_ranks} does not fit the torchrun world of {world_size} ranks: the layouts of "
+            f"--layouts any need {needed} ranks (or a multiple); use --max-ranks {world_size} or a divisor of it, "
+            f"or torchrun --nproc-per-node {needed}"
+        )
+    names = ", ".join(f"{layout} ({layout.world_size} ranks)" for layout in misfits)
+    raise pytest.UsageError(
+        f"--layouts: {names} do{'es' if len(misfits) == 1 else ''} not fit the torchrun world of {world_size} "
+        f"ranks: a layout's ranks must divide the world size"
+    )
+
+
+def _launcher_world() -> Any:
+    """The world a launcher (conformance.torchrun) set up before it started pytest, or None.
+
+    Looked up without importing conformance.distributed, which imports torch: a session that
+    has no launcher (most sessions this plugin is loaded in) need not pay for it.
+    """
+    distributed = sys.modules.get("conformance.distributed")
+    return distributed.launcher_world() if distributed is not None else None
+
+
 @pytest.fixture(scope="session")
 def rank_pool(pytestconfig: pytest.Config):
     """A pool of worker processes, one per rank, for layouts of more than one rank; started on
-    first use, closed at the end of the session."""
+    first use, closed at the end of the session.
+
+    Under a launcher (`python -m conformance.torchrun` under torchrun) the launched world is the
+    pool: this session starts no processes of its own, and the launcher owns the world's lifetime.
+    """
     import math
 
     from . import distributed
     from .rank_pool import RankPool
 
+    world = distributed.launcher_world()
+    if world is not None:
+        yield world
+        return
     layouts = parse_layouts(pytestconfig.getoption("layouts"), pytestconfig.getoption("max_ranks"))
     world = math.lcm(*(layout.world_size for layout in layouts))
     if world == 1:

@@ -14,6 +14,7 @@ from conformance.certificate import validate
 from conformance.counterexample import ENV_DIR, Counterexample
 from conformance.properties import Case, PropertyFailure, run_property
 from conformance.strategies import Inputs
+from ernie_ref.megatron import ReferenceBridge
 from ernie_ref import ErnieMoeConfig, random_checkpoint
 
 HERE = Path(__file__).parent
@@ -46,7 +47,7 @@ def test_no_arguments_certifies_the_reference_bridge(tmp_path: Path) -> None:
 
 
 def test_certify_broken_bridge_fails_and_replay_reproduces(tmp_path: Path) -> None:
-    run = cli("certify", "--bridge", "broken_bridges:ExpertBiasWeighsExperts", "--out", "cert", *SMALL, cwd=tmp_path)
+    run = cli("certify", "--bridge", "conformance.mutants:ExpertBiasWeighsExperts", "--out", "cert", *SMALL, cwd=tmp_path)
     assert run.returncode == 1, run.stdout + run.stderr
     certificate = json.loads((tmp_path / "cert" / "certificate.json").read_text())
     validate(certificate)
@@ -87,7 +88,7 @@ def test_certify_on_a_checkpoint_the_bridge_gets_wrong(tmp_path: Path) -> None:
         vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
         num_key_value_heads=1, moe_num_experts=3, moe_k=1, moe_intermediate_size=8, tie_word_embeddings=True))
     random_checkpoint(cfg, tmp_path / "ckpt", seed=2)
-    run = cli("certify", "--checkpoint", str(tmp_path / "ckpt"), "--bridge", "broken_bridges:GateUpSwappedOnExport",
+    run = cli("certify", "--checkpoint", str(tmp_path / "ckpt"), "--bridge", "conformance.mutants:GateUpSwappedOnExport",
               "--out", "cert", *SMALL, cwd=tmp_path)
     assert run.returncode == 1, run.stdout + run.stderr
     certificate = json.loads((tmp_path / "cert" / "certificate.json").read_text())
@@ -108,7 +109,7 @@ def test_plain_pytest_failure_saves_a_counterexample_named_in_the_message(pytest
     pytester._monkeypatch.setenv(ENV_DIR, str(tmp_path / "ce"))
     db = tmp_path / "db"
     result = pytester.runpytest_subprocess(
-        "--pyargs", "conformance", "--bridge", "broken_bridges:GateUpSwappedOnExport", "-k", "round_trip",
+        "--pyargs", "conformance", "--bridge", "conformance.mutants:GateUpSwappedOnExport", "-k", "round_trip",
         "--hypothesis-profile=dev", "--hypothesis-db", str(db), "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     [saved] = list((tmp_path / "ce").iterdir())
@@ -118,6 +119,20 @@ def test_plain_pytest_failure_saves_a_counterexample_named_in_the_message(pytest
     assert any(db.rglob("*")), "the failing example went into the Hypothesis database"
 
 
+class NormScaledAtOneLayer(ReferenceBridge):
+    """Localisation: a norm weight of one known layer loaded scaled by 2 (`layer`, `norm` set by tests)."""
+
+    name = "norm-scaled-at-one-layer"
+    layer = 1
+    norm = "input_layernorm"  # or "pre_mlp_layernorm"
+
+    def to_megatron(self, cfg, hf):
+        mg = dict(super().to_megatron(cfg, hf))
+        key = f"decoder.layers.{self.layer}.{self.norm}.weight"
+        mg[key] = mg[key] * 2
+        return mg
+
+
 @pytest.mark.parametrize("layer, norm, expected", [
     (0, "input_layernorm", "layer 0 attention"),
     (1, "pre_mlp_layernorm", "layer 1 router"),  # the MoE norm feeds the router first
@@ -125,8 +140,6 @@ def test_plain_pytest_failure_saves_a_counterexample_named_in_the_message(pytest
     (2, "pre_mlp_layernorm", "layer 2 mlp"),
 ])
 def test_localisation_names_the_broken_layer(megatron_runtime, layer: int, norm: str, expected: str) -> None:
-    from broken_bridges import NormScaledAtOneLayer
-
     bridge = NormScaledAtOneLayer()
     bridge.layer, bridge.norm = layer, norm
     cfg = ErnieMoeConfig.from_hf(dict(

@@ -1,5 +1,6 @@
-"""Meta-tests: each property of the suite catches a deliberately broken bridge (tests/broken_bridges.py)
-and passes the reference bridge. The suite runs exactly as a user runs it: pytest --pyargs conformance."""
+"""Meta-tests: the suite kills every mutant of the catalogue (`conformance/mutants.py`) with the
+property the mutant names, at the ci profile, and passes the reference bridge. The suite runs
+exactly as a user runs it: `pytest --pyargs conformance --bridge ...`, in a fresh process."""
 
 from __future__ import annotations
 
@@ -7,25 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from conformance.mutants import MUTANTS, mutant_spec
+
 HERE = Path(__file__).parent
-
-# broken bridge -> (the property test that must fail, what its failure message must say)
-CAUGHT_BY = {
-    "ExpertBiasNotLoaded": ("test_import", ".mlp.router.expert_bias"),
-    "GateUpSwappedOnExport": ("test_round_trip", "[round_trip] exported checkpoint differs from the original: value: "),
-    "ExpertBiasWeighsExperts": ("test_equivalence", "router weights: relative error"),
-    "ConfigWithoutModelType": ("test_interop", "[interop] transformers cannot load the export"),
-    "LenientLoader": ("test_refusal", "[refusal] load accepted a corrupt checkpoint without error"),
-}
-
-
-# Bridges right on one rank and wrong only under one kind of split: the layouts they are given
-# include one rank, so each is caught only by drawing the split layout.
-CAUGHT_UNDER_LAYOUT = {
-    "GateUpSplitContiguouslyUnderTP": ("tp1-pp1-ep1-vpp1,tp2-pp1-ep1-vpp1", "test_equivalence", "layout tp2-pp1-ep1-vpp1"),
-    "ExpertOffsetIgnoredUnderEP": ("tp1-pp1-ep1-vpp1,tp1-pp1-ep2-vpp1", "test_round_trip", "layout tp1-pp1-ep2-vpp1"),
-    "LayerOffsetIgnoredUnderPP": ("tp1-pp1-ep1-vpp1,tp1-pp2-ep1-vpp1", "test_round_trip", "layout tp1-pp2-ep1-vpp1"),
-}
+SINGLE_RANK = "tp1-pp1-ep1-vpp1"
 
 
 def run_suite(pytester: pytest.Pytester, bridge: str, test: str, *options: str) -> pytest.RunResult:
@@ -36,24 +22,43 @@ def run_suite(pytester: pytest.Pytester, bridge: str, test: str, *options: str) 
     )
 
 
-@pytest.mark.parametrize("broken", list(CAUGHT_BY))
-def test_property_catches_broken_bridge(pytester: pytest.Pytester, broken: str) -> None:
-    test, message = CAUGHT_BY[broken]
-    result = run_suite(pytester, f"broken_bridges:{broken}", test)
+@pytest.mark.parametrize("name", list(MUTANTS))
+def test_mutant_is_killed(pytester: pytest.Pytester, name: str) -> None:
+    """Layouts drawn as by default (every layout of up to 4 ranks), within the ci profile's examples."""
+    mutant = MUTANTS[name]
+    result = run_suite(pytester, mutant_spec(name), f"test_{mutant.killed_by}")
     output = result.stdout.str()
-    result.assert_outcomes(failed=1)
-    assert message in output, f"{test} failed for {broken} without saying {message!r}:\n{output[-3000:]}"
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed") == 1, (
+        f"mutant {name} ({mutant.bug()}) survived test_{mutant.killed_by}: {outcomes}\n{output[-3000:]}")
+    assert mutant.says in output, (
+        f"test_{mutant.killed_by} killed {name} without saying {mutant.says!r}:\n{output[-3000:]}")
 
 
-@pytest.mark.parametrize("broken", list(CAUGHT_UNDER_LAYOUT))
-def test_layouts_catch_bridges_wrong_only_when_split(pytester: pytest.Pytester, broken: str) -> None:
-    layouts, test, message = CAUGHT_UNDER_LAYOUT[broken]
-    single = run_suite(pytester, f"broken_bridges:{broken}", test, "--layouts", "tp1-pp1-ep1-vpp1")
-    single.assert_outcomes(passed=1)  # right on one rank
-    result = run_suite(pytester, f"broken_bridges:{broken}", test, "--layouts", layouts)
+LAYOUT_MUTANTS = [name for name, mutant in MUTANTS.items() if mutant.reveals_under]
+
+
+@pytest.mark.parametrize("name", LAYOUT_MUTANTS)
+def test_layouts_reveal_bugs_of_split_models(pytester: pytest.Pytester, name: str) -> None:
+    """Right on one rank; drawing the one split layout that the bug needs is what kills it."""
+    mutant = MUTANTS[name]
+    test = f"test_{mutant.killed_by}"
+    single = run_suite(pytester, mutant_spec(name), test, "--layouts", SINGLE_RANK)
+    assert single.parseoutcomes().get("passed") == 1, (
+        f"{name} should be right on one rank:\n{single.stdout.str()[-3000:]}")
+    result = run_suite(pytester, mutant_spec(name), test, "--layouts", f"{SINGLE_RANK},{mutant.reveals_under}")
     output = result.stdout.str()
-    result.assert_outcomes(failed=1)
-    assert message in output, f"{test} failed for {broken} without naming {message!r}:\n{output[-3000:]}"
+    assert result.parseoutcomes().get("failed") == 1, f"{test} missed {name} under {mutant.reveals_under}:\n{output[-3000:]}"
+    assert f"layout {mutant.reveals_under}" in output, f"{test} failed for {name} without naming the layout:\n{output[-3000:]}"
+
+
+def test_catalogue_covers_every_part_of_a_conversion() -> None:
+    from conformance.mutants import PARTS
+    from conformance.properties import PROPERTIES
+
+    parts = {mutant.part for mutant in MUTANTS.values()}
+    killers = {mutant.killed_by for mutant in MUTANTS.values()}
+    assert len(MUTANTS) >= 25 and parts == set(PARTS) and killers == set(PROPERTIES), (len(MUTANTS), parts, killers)
 
 
 def test_reference_bridge_passes_every_property(pytester: pytest.Pytester) -> None:

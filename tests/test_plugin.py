@@ -54,7 +54,7 @@ def test_header_names_bridge_and_versions_and_max_examples_applies(pytester: pyt
 def test_xfails_file_expects_failures_strictly(pytester: pytest.Pytester) -> None:
     xfails = pytester.path / "xfails.txt"
     xfails.write_text("# known failures of this bridge\nsuite/test_properties.py::test_round_trip\n")
-    broken = run_suite(pytester, "--bridge", "broken_bridges:GateUpSwappedOnExport", "-k", "round_trip",
+    broken = run_suite(pytester, "--bridge", "conformance.mutants:GateUpSwappedOnExport", "-k", "round_trip",
                        "--xfails-file", str(xfails), "--hypothesis-profile=ci")
     broken.assert_outcomes(xfailed=1)
     fixed = run_suite(pytester, "--bridge", "reference", "-k", "round_trip", "--xfails-file", str(xfails),

@@ -53,6 +53,7 @@ def check(prop: str, suite: plugin.SuiteSession, case: Case) -> None:
     except NearTie:
         reject()
     except PropertyFailure as failure:
+        plugin.note_failure()
         example = Counterexample.from_failure(failure, suite.bridge_spec, suite.bridge_version, plugin.current_test())
         path = example.save(suite.counterexamples)
         plugin.note_counterexample(path)

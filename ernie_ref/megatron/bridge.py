@@ -76,6 +76,10 @@ class ReferenceBridge:
     def write_checkpoint(self, out_dir: Path, cfg: ErnieMoeConfig, hf: dict[str, torch.Tensor]) -> None:
         save_checkpoint(out_dir, cfg, hf)
 
+    def build(self, cfg: ErnieMoeConfig, layout: Layout) -> list[torch.nn.Module]:
+        """This rank's model chunks, freshly initialised, for `cfg` under `layout`."""
+        return build_chunks(cfg, self.megatron_config(cfg, layout), layout, self.router_class)
+
     def global_name(self, name: str, chunk: torch.nn.Module) -> str | None:
         """This chunk's tensor `name` in the full model (pipeline and expert offsets applied)."""
         return _global_name(name, chunk)
@@ -92,7 +96,7 @@ class ReferenceBridge:
         if (problem := layout.problem(cfg)) is not None:
             raise ValueError(f"reference bridge: {problem}")
         full = self.to_megatron(cfg, hf)
-        chunks = build_chunks(cfg, self.megatron_config(cfg, layout), layout, self.router_class)
+        chunks = self.build(cfg, layout)
         full_shapes = {k: tuple(v.shape) for k, v in MegatronView(cfg, _meta_tensors(cfg)).items()}
         for chunk in chunks:
             chunk.ernie_config = cfg  # export writes this config back
