@@ -3,26 +3,94 @@
 `rank_task` is what each rank runs: initialise model-parallel state for the case's layout, let
 the bridge load the checkpoint, then do one action. A layout of one rank runs in this process;
 a larger one runs on the session's pool (set by the pytest plugin), every rank doing the same.
+
+Under a launcher such as torchrun (`conformance.torchrun`) the pool is the launched world itself,
+this process being its rank 0. There every layout runs on every rank, one-rank layouts included:
+creating Megatron's process groups is collective over the whole world, so this process cannot set
+up a layout alone; the ranks a layout does not need are data-parallel replicas.
+
+When one rank's `load` raises, the others must not go on into the action's collectives (they
+would wait there for the failed rank forever): every rank first tells the others whether its
+load succeeded, and a rank whose peers failed returns `PeerLoadFailed` instead of acting. The
+caller then reports the failed ranks' errors.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["INIT_SEEDS", "rank_task", "run_on_ranks", "set_pool", "named_state"]
+__all__ = [
+    "INIT_SEEDS",
+    "PeerLoadFailed",
+    "launcher_world",
+    "named_state",
+    "rank_task",
+    "run_on_ranks",
+    "set_control_group",
+    "set_pool",
+]
 
 # Seeds for Megatron's own initialisation; two different ones reveal parameters left unloaded.
 INIT_SEEDS = (1234, 4321)
 
-_POOL: Any = None  # a conformance.rank_pool.RankPool, when the session has one
+_POOL: Any = None  # a conformance.rank_pool.RankPool, or the launched world of conformance.torchrun
+_POOL_IS_LAUNCHED_WORLD = False  # True for a launcher's world: one-rank layouts run on it too
+# The group over which ranks agree on whether load succeeded; None: the default group. A launcher
+# whose default group is NCCL sets a gloo group here (the agreement is a CPU tensor).
+_CONTROL_GROUP: Any = None
 
 
-def set_pool(pool: Any) -> None:
-    global _POOL
+def set_pool(pool: Any, *, launched: bool = False) -> None:
+    """Make `pool` (anything with `world_size` and `run(fn, *args, timeout_s=None)`) run the
+    layouts of more than one rank; None removes it.
+
+    `launched=True` says that the pool is the world a launcher such as torchrun started, this
+    process being one of its ranks: then every layout, one-rank layouts included, runs on it,
+    since this process cannot create process groups alone.
+    """
+    global _POOL, _POOL_IS_LAUNCHED_WORLD
     _POOL = pool
+    _POOL_IS_LAUNCHED_WORLD = pool is not None and launched
+
+
+def launcher_world() -> Any:
+    """The launched world set with `set_pool(..., launched=True)`, or None."""
+    return _POOL if _POOL_IS_LAUNCHED_WORLD else None
+
+
+def set_control_group(group: Any) -> None:
+    """Use `group` (a gloo process group over every rank) for the ranks' agreement after load."""
+    global _CONTROL_GROUP
+    _CONTROL_GROUP = group
+
+
+@dataclass(frozen=True)
+class PeerLoadFailed:
+    """What a rank returns instead of acting when `load` raised on other ranks (`ranks`).
+
+    The failed ranks raise their own errors, so the pool reports those: this value only keeps
+    the healthy ranks from waiting in the action's collectives for ranks that never come.
+    """
+
+    ranks: tuple[int, ...]
+
+
+def _ranks_whose_load_failed(failed_here: bool) -> list[int]:
+    """Every rank's answer to "did your load raise?", exchanged in one small all-reduce.
+
+    Collective: every rank of the world calls it once per task (after load, before the action).
+    """
+    dist = torch.distributed
+    if not dist.is_initialized() or dist.get_world_size(_CONTROL_GROUP) == 1:
+        return [0] if failed_here else []
+    flags = torch.zeros(dist.get_world_size(_CONTROL_GROUP), dtype=torch.int32)
+    flags[dist.get_rank(_CONTROL_GROUP)] = int(failed_here)
+    dist.all_reduce(flags, group=_CONTROL_GROUP)
+    return [rank for rank, flag in enumerate(flags.tolist()) if flag]
 
 
 def named_state(chunks: list[torch.nn.Module], prefix: str = "") -> dict[str, torch.Tensor]:
@@ -45,14 +113,20 @@ def rank_task(action: str, bridge: Any, case: Any, hf_dir: Path, out_dir: Path |
     layout = case.layout
     init_model_parallel(layout.tp, layout.pp, layout.ep, layout.vpp if layout.vpp > 1 else None, seed=init_seed)
     torch.manual_seed(init_seed)
+    load_error: Exception | None = None
     try:
         chunks = bridge.load(hf_dir, layout)
     except Exception as e:  # noqa: BLE001 - for "refuse", any exception is the expected answer
         if action == "refuse":
             return f"{type(e).__name__}: {e}"
-        raise
+        load_error = e
     if action == "refuse":
-        return None
+        return None  # no collective follows: each rank's answer stands on its own
+    failed_ranks = _ranks_whose_load_failed(load_error is not None)
+    if load_error is not None:
+        raise load_error
+    if failed_ranks:
+        return PeerLoadFailed(tuple(failed_ranks))
     if action == "state":
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         return named_state(chunks, prefix=f"rank{rank}." if layout.world_size > 1 else "")
@@ -66,8 +140,11 @@ def rank_task(action: str, bridge: Any, case: Any, hf_dir: Path, out_dir: Path |
 
 def run_on_ranks(action: str, bridge: Any, case: Any, hf_dir: Path, out_dir: Path | None = None,
                  init_seed: int = INIT_SEEDS[0]) -> list[Any]:
-    """`rank_task` on every rank of the case's layout; results in rank order."""
-    if case.layout.world_size == 1:
+    """`rank_task` on every rank of the case's layout; results in rank order.
+
+    A one-rank layout runs in this process, unless the pool is a launched world (see `set_pool`).
+    """
+    if case.layout.world_size == 1 and not _POOL_IS_LAUNCHED_WORLD:
         return [rank_task(action, bridge, case, hf_dir, out_dir, init_seed)]
     if _POOL is None:
         raise RuntimeError(f"layout {case.layout} needs {case.layout.world_size} ranks and no rank pool is running")

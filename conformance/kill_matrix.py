@@ -135,7 +135,8 @@ def render_markdown(runs: list[MutantRun], profile: str, wall_s: float) -> str:
         f"Every property of the suite against every mutant of `conformance/mutants.py` ({len(runs)} broken",
         f"bridges), {profile} profile, layouts drawn from every layout of up to 4 ranks. A cell gives the",
         "number of the first failing example and the seconds to it (before shrinking), or the",
-        "examples a property ran without failing. Regenerate with `ernie-conformance kill-matrix`.",
+        "examples a property ran without failing (drawn examples, including those set aside for a",
+        "routing near-tie). Regenerate with `ernie-conformance kill-matrix`.",
         "",
         f"Measured {time.strftime('%Y-%m-%d')} with ernie-conformance {_package_version('ernie-conformance')}, "
         f"megatron-core {_package_version('megatron-core')}, transformers {_package_version('transformers')}, "

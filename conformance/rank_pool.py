@@ -414,8 +414,10 @@ class RankPool:
                 self._spawn()
             except RankFailure as exc:
                 # _free_port() releases the port before rank 0 binds it: another
-                # process can take it in between.  Retry once on a new port.
-                if not any("Address already in use" in tb for tb in exc.tracebacks.values()):
+                # process can take it in between.  Retry once on a new port.  (The OS says
+                # "Address already in use"; torch 2.13's TCPStore "EADDRINUSE ... address
+                # already in use".)
+                if not any("address already in use" in tb.lower() for tb in exc.tracebacks.values()):
                     raise
                 self._spawn()
 
