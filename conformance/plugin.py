@@ -174,6 +174,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     except BridgeNotFound as e:
         raise pytest.UsageError(str(e)) from e
     layouts = parse_layouts(config.getoption("layouts"), config.getoption("max_ranks"))
+    deviations = list(getattr(bridge, "deviations", lambda: [])())
     return [
         f"ernie-conformance {_package_version('ernie-conformance')}: bridge {bridge.name} {bridge.version()}",
         f"megatron-core {_package_version('megatron-core')}, transformers {_package_version('transformers')}, "
@@ -181,6 +182,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"({settings.default.max_examples} examples)",
         f"layouts: {len(layouts)} ({', '.join(map(str, layouts[:6]))}{', ...' if len(layouts) > 6 else ''}), "
         f"up to {max(layout.world_size for layout in layouts)} ranks",
+        *([f"declared deviations of the adapter from the bridge as shipped ({len(deviations)}):"]
+          + [f"  - {d}" for d in deviations] if deviations else []),
     ]
 
 

@@ -282,11 +282,13 @@ def stage_errors(actual: Trace, expected: Trace, cfg: ErnieMoeConfig) -> list[tu
         kind = cfg.layer_types[i]
         errors.append((f"layer {i} attention", err(a.after_attention, e.after_attention)))
         if (a.routing is None) != (e.routing is None):
-            errors.append((f"layer {i} router choice", math.inf))
+            errors.append((f"layer {i} kind: {'MoE' if a.routing is not None else 'dense'} in the bridge's model, "
+                           f"{'MoE' if e.routing is not None else 'dense'} in the oracle", math.inf))
         elif e.routing is not None:
             ours, theirs = a.routing.expert_ids.sort(-1).values, e.routing.expert_ids.sort(-1).values
             if ours.shape != theirs.shape:
-                errors.append((f"layer {i} router choice", math.inf))
+                errors.append((f"layer {i} router choice: {ours.shape[-1]} experts per token, "
+                               f"the oracle {theirs.shape[-1]}", math.inf))
             else:
                 errors.append((f"layer {i} router choice", (ours != theirs).any(-1).float().mean().item()))
                 wa = a.routing.weights.gather(-1, a.routing.expert_ids.argsort(-1))
@@ -305,6 +307,8 @@ def first_divergence(errors: list[tuple[str, float]]) -> str | None:
     """The first stage, in forward order, whose error is over the tolerance."""
     for stage, error in errors:
         if error > FP32_RTOL:
+            if ": " in stage:  # a structural difference, described by the stage itself
+                return stage
             return f"{stage}: relative error {error:.3g} > {FP32_RTOL}" if "router choice" not in stage else (
                 f"{stage}: {error:.1%} of tokens routed to other experts")
     return None

@@ -22,6 +22,7 @@ def run_suite(pytester: pytest.Pytester, bridge: str, test: str, *options: str) 
     )
 
 
+@pytest.mark.catalogue
 @pytest.mark.parametrize("name", list(MUTANTS))
 def test_mutant_is_killed(pytester: pytest.Pytester, name: str) -> None:
     """Layouts drawn as by default (every layout of up to 4 ranks), within the ci profile's examples."""
@@ -38,6 +39,7 @@ def test_mutant_is_killed(pytester: pytest.Pytester, name: str) -> None:
 LAYOUT_MUTANTS = [name for name, mutant in MUTANTS.items() if mutant.reveals_under]
 
 
+@pytest.mark.catalogue
 @pytest.mark.parametrize("name", LAYOUT_MUTANTS)
 def test_layouts_reveal_bugs_of_split_models(pytester: pytest.Pytester, name: str) -> None:
     """Right on one rank; drawing the one split layout that the bug needs is what kills it."""

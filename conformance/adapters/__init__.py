@@ -1,0 +1,1 @@
+"""Adapters that plug real bridges into the suite."""

@@ -1,0 +1,159 @@
+"""Adapter for NVIDIA Megatron-Bridge's ERNIE 4.5 bridge (`megatron.bridge.models.ernie.
+ernie_45_bridge.Ernie45Bridge`), registered as `--bridge megatron-bridge`.
+
+It drives the bridge as its users do: `AutoBridge.from_hf_pretrained(dir)`, the provider from
+`to_megatron_provider(load_weights=False)` given the layout's parallel sizes,
+`provide_distributed_model`, `load_hf_weights`, and `save_hf_pretrained` for export. Nothing
+of the conversion is ours: no check, mapping or router is added, so what the bridge gets wrong
+shows. Where the bridge cannot run on a CPU without Transformer Engine as shipped, the adapter
+changes the least it must; each change is listed in `DEVIATIONS`, printed in the report header
+and written into the certificate. Where Transformer Engine is installed (a GPU machine), the
+Transformer Engine deviations are not made.
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib.util
+import types
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ernie_ref.config import ErnieMoeConfig
+from ernie_ref.layout import Layout
+
+__all__ = ["MegatronBridgeAdapter", "DEVIATIONS"]
+
+# Modules of megatron-bridge that import Transformer Engine without a guard; the LoRA code they
+# hold never runs during a conversion. 0.6.2: peft/lora_layers.py; 0.5.1: peft/lora.py.
+_UNGUARDED_TE_IMPORTERS = frozenset({"megatron.bridge.peft.lora_layers", "megatron.bridge.peft.lora"})
+
+DEVIATIONS_WITHOUT_TE = (
+    "transformer_engine: megatron.bridge.peft (lora_layers.py / lora.py) imports it unconditionally although "
+    "conversion never uses LoRA; those two modules alone are given a placeholder module whose classes refuse "
+    "to be built. Nothing enters sys.modules, so megatron-core and the bridge still see no Transformer Engine.",
+    "layer spec: the bridge's ERNIE spec hard-codes use_transformer_engine=True; the same megatron-core GPT "
+    "decoder block spec is used with use_transformer_engine=False (the bridge's name mapping has fallbacks for "
+    "the local names).",
+    "moe_permute_fusion: the provider sets True, which megatron-core refuses without Transformer Engine; set to "
+    "False (the unfused permutation computes the same).",
+)
+DEVIATIONS_ALWAYS = (
+    "CPU runtime: megatron-core runs on CPU (fp32, gloo) through conformance.megatron_runtime.apply_cpu_patches(), "
+    "as for every bridge; the model is built with provide_distributed_model(use_cpu_initialization=True, "
+    "wrap_with_ddp=False) inside the suite's parallel state.",
+    "save_hf_pretrained: the tokenizer artifact is set to None, since the suite's checkpoints have no tokenizer "
+    "files (the bridge lists the tokenizer as a required artifact).",
+)
+_HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
+DEVIATIONS = DEVIATIONS_ALWAYS + (() if _HAVE_TE else DEVIATIONS_WITHOUT_TE)
+
+
+class _TEPlaceholder(types.ModuleType):
+    """Stands in for transformer_engine in the unguarded importers: any attribute is a class
+    that raises when instantiated (import time only needs the names)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def refuse(self: Any, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError(f"transformer_engine.{name} is a placeholder: Transformer Engine is not installed")
+
+        value = type(name, (), {"__init__": refuse, "__module__": self.__name__})
+        setattr(self, name, value)
+        return value
+
+
+def _placeholder_te() -> dict[str, types.ModuleType]:
+    te, pytorch, ops = (_TEPlaceholder(n) for n in
+                        ("transformer_engine", "transformer_engine.pytorch", "transformer_engine.pytorch.ops"))
+    te.pytorch, pytorch.ops = pytorch, ops
+    return {m.__name__: m for m in (te, pytorch, ops)}
+
+
+_PLACEHOLDERS = _placeholder_te()
+_real_import = builtins.__import__
+
+
+def _scoped_import(name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0) -> Any:
+    if level == 0 and name.split(".")[0] == "transformer_engine" and (globals or {}).get("__name__") in _UNGUARDED_TE_IMPORTERS:
+        return _PLACEHOLDERS.get(name, _PLACEHOLDERS["transformer_engine"]) if fromlist else _PLACEHOLDERS["transformer_engine"]
+    return _real_import(name, globals, locals, fromlist, level)
+
+
+def _import_megatron_bridge() -> Any:
+    """`megatron.bridge.AutoBridge`, imported with the placeholder in place where TE is absent."""
+    if not _HAVE_TE and builtins.__import__ is not _scoped_import:
+        builtins.__import__ = _scoped_import
+    from megatron.bridge import AutoBridge
+
+    return AutoBridge
+
+
+def _local_decoder_block_spec(config: Any, vp_stage: int | None = None) -> Any:
+    """megatron-core's GPT decoder block spec with local (non-TE) layers: the bridge's own spec
+    function with use_transformer_engine=False."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    return get_gpt_decoder_block_spec(config=config, use_transformer_engine=False, vp_stage=vp_stage)
+
+
+class MegatronBridgeAdapter:
+    """`Ernie45Bridge` of megatron-bridge through AutoBridge, as shipped but for `DEVIATIONS`."""
+
+    name = "megatron-bridge"
+
+    def __init__(self) -> None:
+        if importlib.util.find_spec("megatron.bridge") is None:
+            raise ImportError("megatron-bridge is not installed (see tox.ini, environment py312-mbridge062)")
+        self._auto_bridge: Any = None  # from the last load, for export on the same rank
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Sent to every rank of a pool with each example: the AutoBridge of a load on another
+        # rank is that rank's, and unpickling it would import megatron.bridge unprepared.
+        return {**self.__dict__, "_auto_bridge": None}
+
+    def version(self) -> str:
+        # Not megatron.bridge.__version__: that appends the git commit of whatever repository
+        # the package happens to sit in.
+        try:
+            return version("megatron-bridge")
+        except PackageNotFoundError:
+            return "unknown"
+
+    def deviations(self) -> list[str]:
+        return list(DEVIATIONS)
+
+    def unsupported(self, config: ErnieMoeConfig) -> str | None:
+        return None  # the bridge declares no limits; what it gets wrong is for the suite to find
+
+    def load(self, hf_dir: Path, layout: Layout) -> list[torch.nn.Module]:
+        AutoBridge = _import_megatron_bridge()
+        bridge = AutoBridge.from_hf_pretrained(str(hf_dir))
+        provider = bridge.to_megatron_provider(load_weights=False)
+        if not _HAVE_TE:
+            provider.transformer_layer_spec = _local_decoder_block_spec
+            provider.moe_permute_fusion = False
+        provider.tensor_model_parallel_size = layout.tp
+        provider.pipeline_model_parallel_size = layout.pp
+        provider.virtual_pipeline_model_parallel_size = layout.vpp if layout.vpp > 1 else None
+        provider.expert_model_parallel_size = layout.ep
+        provider.expert_tensor_parallel_size = 1  # as the suite's layouts define: experts whole on a rank
+        if layout.pp > 1:
+            provider.pipeline_dtype = provider.params_dtype
+        provider.finalize()
+        chunks = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True,
+                                                    mixed_precision_wrapper=None)
+        bridge.load_hf_weights(chunks)
+        self._auto_bridge = bridge
+        return list(chunks)
+
+    def export(self, chunks: list[torch.nn.Module], out_dir: Path) -> None:
+        if self._auto_bridge is None:
+            raise RuntimeError("megatron-bridge adapter: export before load")
+        self._auto_bridge.hf_pretrained.tokenizer = None
+        self._auto_bridge.save_hf_pretrained(chunks, str(out_dir), show_progress=False)
