@@ -70,13 +70,9 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _layout_names(text: str) -> list[str]:
-    from ernie_ref.layout import Layout
+    from .plugin import parse_layouts
 
-    from .strategies import all_layouts
-
-    if text.strip() == "any":
-        return [str(layout) for layout in all_layouts(4)]
-    return [str(Layout.parse(t)) for t in text.split(",") if t.strip()]
+    return [str(layout) for layout in parse_layouts(text, max_ranks=4)]
 
 
 def _certify(args: argparse.Namespace) -> int:
