@@ -21,7 +21,7 @@ from ernie_ref import ErnieMoeConfig
 from ernie_ref.layout import Layout
 
 from .counterexample import Counterexample, replay_command
-from .numerics import FP32_RTOL
+from .numerics import FP32_RTOL, tolerance
 from .properties import PROPERTIES
 
 __all__ = ["SCHEMA", "build_certificate", "validate", "write_certificate", "plot_stage_errors", "render_markdown"]
@@ -52,6 +52,7 @@ def build_certificate(
     max_examples: int,
     layouts: list[str],
     device: str,
+    dtypes: list[str] | None = None,
     checkpoint: str | None,
     out_dir: Path,
 ) -> dict[str, Any]:
@@ -84,6 +85,7 @@ def build_certificate(
                     "device": device},
         "profile": {"name": profile, "max_examples": max_examples},
         "layouts": layouts,
+        **({"dtypes": dtypes} if dtypes else {}),
         "checkpoint": checkpoint,
         "deviations": deviations,
         "refusals": results.get("refusals", {}),
@@ -107,6 +109,7 @@ def _failure_entry(result: dict[str, Any], out_dir: Path, prop: str) -> dict[str
         "checkpoint": example.checkpoint,
         "inputs": example.inputs,
         "layout": str(Layout(**example.layout)),
+        "dtype": example.dtype,
         "corruption": example.corruption,
         "message": example.message,
     }
@@ -114,7 +117,8 @@ def _failure_entry(result: dict[str, Any], out_dir: Path, prop: str) -> dict[str
         errors = [(stage, float(err)) for stage, err in example.evidence["stage_errors"]]
         entry["stage_errors"] = [[s, e if math.isfinite(e) else str(e)] for s, e in errors]
         plot = out_dir / f"localisation-{prop}.png"
-        plot_stage_errors(errors, plot, title=f"{prop}: error by stage, {example.bridge}")
+        plot_stage_errors(errors, plot, title=f"{prop}: error by stage, {example.bridge}",
+                          rtol=tolerance(example.dtype).rtol)
         entry["plot"] = plot.name
     if "checkpoint_diff" in example.evidence:
         entry["checkpoint_diff"] = example.evidence["checkpoint_diff"]
@@ -132,8 +136,8 @@ def _first_lines(text: str, limit: int = 20) -> str:
     return textwrap.dedent("\n".join(lines[:limit])).strip()
 
 
-def plot_stage_errors(errors: list[tuple[str, float]], path: Path, title: str) -> None:
-    """Relative error per stage (log scale), with the fp32 tolerance; the first stage over it marked."""
+def plot_stage_errors(errors: list[tuple[str, float]], path: Path, title: str, rtol: float = FP32_RTOL) -> None:
+    """Relative error per stage (log scale), with the tolerance `rtol`; the stages over it marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,9 +147,9 @@ def plot_stage_errors(errors: list[tuple[str, float]], path: Path, title: str) -
     floor = 1e-12
     values = [max(e, floor) if math.isfinite(e) else 1e3 for _, e in errors]
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(stages)), 4))
-    colours = ["tab:red" if v > FP32_RTOL else "tab:blue" for v in values]
+    colours = ["tab:red" if v > rtol else "tab:blue" for v in values]
     ax.bar(range(len(stages)), values, color=colours)
-    ax.axhline(FP32_RTOL, color="black", linestyle="--", linewidth=1, label=f"tolerance {FP32_RTOL:g}")
+    ax.axhline(rtol, color="black", linestyle="--", linewidth=1, label=f"tolerance {rtol:g}")
     ax.set_yscale("log")
     ax.set_xticks(range(len(stages)), stages, rotation=70, ha="right", fontsize=8)
     ax.set_ylabel("relative error")
@@ -177,6 +181,7 @@ def render_markdown(c: dict[str, Any]) -> str:
         f"| python, machine | {v['python']}, {m['platform']} ({m['processor']}, {m['cpus']} CPUs), device {m['device']} |",
         f"| profile | {c['profile']['name']} ({c['profile']['max_examples']} examples per property) |",
         f"| layouts | {', '.join(c['layouts'])} |",
+        *([f"| dtypes of drawn checkpoints | {', '.join(c['dtypes'])} |"] if c.get("dtypes") else []),
     ]
     if c["checkpoint"]:
         lines.append(f"| checkpoint | `{c['checkpoint']}` |")
@@ -197,7 +202,8 @@ def render_markdown(c: dict[str, Any]) -> str:
             lines += ["", f"### {prop}", "", "```", f["message"], "```"]
             ce = f.get("counterexample")
             if ce:
-                weights = f"checkpoint `{ce['checkpoint']}`" if ce["checkpoint"] else f"weights seed {ce['weights_seed']}"
+                weights = (f"checkpoint `{ce['checkpoint']}`" if ce["checkpoint"]
+                           else f"{ce.get('dtype', 'float32')} weights seed {ce['weights_seed']}")
                 lines += ["", f"Shrunk counterexample: config `{ce['config']}`, {weights}, layout {ce['layout']}, "
                               f"inputs {ce['inputs']}" + (f", corruption {ce['corruption']}" if ce["corruption"] else ""),
                           "", f"Reproduce: `{ce['replay']}`"]

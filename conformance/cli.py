@@ -78,9 +78,6 @@ def _layout_names(text: str) -> list[str]:
 def _certify(args: argparse.Namespace) -> int:
     from .bridge import BridgeNotFound, resolve_bridge
 
-    if args.device != "cpu":
-        print("certify: --device cuda is not supported by this version of the suite; use --device cpu", file=sys.stderr)
-        return 2
     try:
         bridge = resolve_bridge(args.bridge)
     except BridgeNotFound as e:
@@ -97,7 +94,7 @@ def _certify(args: argparse.Namespace) -> int:
         sys.executable, "-m", "pytest", "--pyargs", "conformance.suite",
         "--bridge", args.bridge, f"--hypothesis-profile={args.profile}",
         "--counterexamples", str(out / "counterexamples"), "--results-json", str(results_path),
-        "--layouts", args.layouts, "--progress", str(out / "progress.log"), "-p", "no:cacheprovider", "-q",
+        "--layouts", args.layouts, "--device", args.device, "--dtype", args.dtype, "--progress", str(out / "progress.log"), "-p", "no:cacheprovider", "-q",
     ]
     if jobs > 1:
         command += ["-n", str(jobs)]
@@ -130,13 +127,14 @@ def _certify(args: argparse.Namespace) -> int:
     from hypothesis import settings
 
     from . import plugin  # noqa: F401 - registers the profiles
+    from .plugin import DTYPE_OPTIONS
     from .certificate import build_certificate, write_certificate
 
     max_examples = args.max_examples or settings.get_profile(args.profile).max_examples
     certificate = build_certificate(
         bridge=bridge, bridge_spec=args.bridge, results=json.loads(results_path.read_text()),
         profile=args.profile, max_examples=max_examples, layouts=_layout_names(args.layouts),
-        device=args.device, checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None, out_dir=out,
+        device=args.device, dtypes=DTYPE_OPTIONS[args.dtype], checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None, out_dir=out,
     )
     write_certificate(certificate, out)
     verdict = "CONFORMS" if certificate["conforms"] else "DOES NOT CONFORM"
@@ -188,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     certify.add_argument("--profile", default="ci", choices=["dev", "ci", "thorough"])
     certify.add_argument("--layouts", default="any",
                          help="'any' (every layout of up to 4 ranks) or comma-separated layouts such as tp2-pp1-ep1-vpp1")
-    certify.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    certify.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                         help="where the bridge's models run (cuda: one GPU, single-rank layouts)")
+    certify.add_argument("--dtype", default="any", choices=["fp32", "bf16", "any"],
+                         help="dtype of the drawn checkpoints (default: both)")
     certify.add_argument("--out", default="certificate", help="directory for the certificate (default ./certificate)")
     certify.add_argument("--checkpoint", default=None, help="certify on this HF checkpoint instead of drawn weights")
     certify.add_argument("--xfails-file", default=None, help="known failures of this bridge (test ids)")

@@ -55,6 +55,7 @@ class Counterexample:
     layout: dict[str, int]
     corruption: dict[str, str] | None = None
     checkpoint: str | None = None
+    dtype: str = "float32"
     message: str = ""
     evidence: dict[str, Any] = field(default_factory=dict)
     test: str = ""
@@ -73,6 +74,7 @@ class Counterexample:
             layout=asdict(case.layout),
             corruption=asdict(case.corruption) if case.corruption else None,
             checkpoint=case.checkpoint,
+            dtype=case.dtype,
             message=str(failure).split("\n  reproduce with:")[0],
             evidence=_finite(failure.evidence),
             test=test,
@@ -86,6 +88,7 @@ class Counterexample:
             layout=Layout(**self.layout),
             corruption=Corruption(**self.corruption) if self.corruption else None,
             checkpoint=self.checkpoint,
+            dtype=self.dtype,
         )
 
     def file_name(self) -> str:

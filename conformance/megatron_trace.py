@@ -40,9 +40,10 @@ def _routing(probs: torch.Tensor, routing_map: torch.Tensor, batch: int, seq: in
 
 def _forward(chunks: list[torch.nn.Module], input_ids: torch.Tensor) -> torch.Tensor | None:
     """Logits [B, S, V] on the last pipeline stage (None elsewhere)."""
+    input_ids = input_ids.to(next(chunks[0].parameters()).device)  # the model's device: CPU or a GPU
     B, S = input_ids.shape
-    position_ids = torch.arange(S).unsqueeze(0).expand(B, S)
-    mask = causal_mask(S)
+    position_ids = torch.arange(S, device=input_ids.device).unsqueeze(0).expand(B, S)
+    mask = causal_mask(S).to(input_ids.device)
     if len(chunks) == 1 and _pipeline_size() == 1:
         return chunks[0](input_ids=input_ids, position_ids=position_ids, attention_mask=mask)
     # Several stages: Megatron's own pipeline schedule moves activations between them.

@@ -7,7 +7,8 @@ after how many examples and seconds (docs/kill-matrix.md).
 Each mutant names the part of the conversion it breaks (`part`), the property expected to kill
 it (`killed_by`), a phrase that property's failure message must contain (`says`), and, in its
 docstring, the bug it stands for. Mutants that are right on one rank and wrong only when the
-model is split also name the one split layout that reveals them (`reveals_under`).
+model is split also name the one split layout that reveals them (`reveals_under`); mutants that are
+right for fp32 checkpoints and wrong for bf16 ones name that dtype (`reveals_in`).
 
 Use one as any bridge: `pytest --pyargs conformance --bridge conformance.mutants:TopKOffByOne`.
 """
@@ -44,6 +45,7 @@ class Mutant(ReferenceBridge):
     killed_by: str = ""
     says: str = ""
     reveals_under: str | None = None  # a layout of several ranks, for bugs only a split shows
+    reveals_in: str | None = None  # a checkpoint dtype ("bfloat16"), for bugs only that dtype shows
 
     @classmethod
     def bug(cls) -> str:
@@ -93,8 +95,8 @@ class EpsDropped(Mutant):
 
     name, part, killed_by, says = "eps-dropped", "config", "equivalence", "first divergence at layer 0 attention"
 
-    def megatron_config(self, cfg, layout):
-        return dataclasses.replace(super().megatron_config(cfg, layout), layernorm_epsilon=1e-5)
+    def megatron_config(self, cfg, layout, dtype=torch.float32):
+        return dataclasses.replace(super().megatron_config(cfg, layout, dtype), layernorm_epsilon=1e-5)
 
 
 @mutant
@@ -103,8 +105,8 @@ class HeadDimFromHidden(Mutant):
 
     name, part, killed_by, says = "head-dim-from-hidden", "config", "import", "the bridge raised"
 
-    def megatron_config(self, cfg, layout):
-        return super().megatron_config(cfg.replace(head_dim=cfg.hidden_size // cfg.num_attention_heads), layout)
+    def megatron_config(self, cfg, layout, dtype=torch.float32):
+        return super().megatron_config(cfg.replace(head_dim=cfg.hidden_size // cfg.num_attention_heads), layout, dtype)
 
 
 @mutant
@@ -114,8 +116,8 @@ class TieAssumed(Mutant):
 
     name, part, killed_by, says = "tie-assumed", "config", "equivalence", "logits"
 
-    def build(self, cfg, layout):
-        return super().build(cfg.replace(tie_word_embeddings=True), layout)
+    def build(self, cfg, layout, dtype=torch.float32):
+        return super().build(cfg.replace(tie_word_embeddings=True), layout, dtype)
 
     def to_hf(self, cfg, mg):
         if not cfg.tie_word_embeddings:
@@ -129,9 +131,9 @@ class TopKOffByOne(Mutant):
 
     name, part, killed_by, says = "top-k-off-by-one", "config", "equivalence", "router"
 
-    def megatron_config(self, cfg, layout):
+    def megatron_config(self, cfg, layout, dtype=torch.float32):
         k = cfg.moe_k - 1 if cfg.moe_k > 1 else cfg.moe_k + 1
-        return super().megatron_config(cfg.replace(moe_k=min(k, cfg.moe_num_experts)), layout)
+        return super().megatron_config(cfg.replace(moe_k=min(k, cfg.moe_num_experts)), layout, dtype)
 
 
 @mutant
@@ -140,8 +142,8 @@ class RopeThetaDefault(Mutant):
 
     name, part, killed_by, says = "rope-theta-default", "config", "equivalence", "first divergence at layer 0 attention"
 
-    def build(self, cfg, layout):
-        return build_chunks(cfg.replace(rope_theta=10000.0), self.megatron_config(cfg, layout), layout, self.router_class)
+    def build(self, cfg, layout, dtype=torch.float32):
+        return super().build(cfg.replace(rope_theta=10000.0), layout, dtype)
 
 
 @mutant
@@ -150,8 +152,8 @@ class RopeNotInterleaved(Mutant):
 
     name, part, killed_by, says = "rope-not-interleaved", "config", "equivalence", "first divergence at layer 0 attention"
 
-    def megatron_config(self, cfg, layout):
-        return dataclasses.replace(super().megatron_config(cfg, layout), rotary_interleaved=False)
+    def megatron_config(self, cfg, layout, dtype=torch.float32):
+        return dataclasses.replace(super().megatron_config(cfg, layout, dtype), rotary_interleaved=False)
 
 
 @mutant
@@ -160,9 +162,27 @@ class MoeLayersByIntervalOnly(Mutant):
 
     name, part, killed_by, says = "moe-layers-by-interval-only", "config", "import", "the bridge raised"
 
-    def megatron_config(self, cfg, layout):
+    def megatron_config(self, cfg, layout, dtype=torch.float32):
         freq = [1 if (i + 1) % cfg.moe_layer_interval == 0 else 0 for i in range(cfg.num_hidden_layers)]
-        return dataclasses.replace(super().megatron_config(cfg, layout), moe_layer_freq=freq)
+        return dataclasses.replace(super().megatron_config(cfg, layout, dtype), moe_layer_freq=freq)
+
+
+@mutant
+class MoeLayersFromStartOnly(Mutant):
+    """Every layer from moe_layer_start_index on is built as MoE, ignoring the end index and the
+    interval; a parameter the checkpoint has no tensor for keeps its initial value with a warning,
+    and a checkpoint tensor with no parameter is dropped, so the load goes through."""
+
+    name, part, killed_by, says = ("moe-layers-from-start-only", "config", "equivalence",
+                                   "kind: MoE in the bridge's model, dense in the oracle")
+
+    def megatron_config(self, cfg, layout, dtype=torch.float32):
+        freq = [1 if i >= cfg.moe_layer_start_index else 0 for i in range(cfg.num_hidden_layers)]
+        return dataclasses.replace(super().megatron_config(cfg, layout, dtype), moe_layer_freq=freq)
+
+    def local_tensor(self, full, name, target, chunk):
+        known = name == "output_layer.weight" or self.global_name(name, chunk) in full  # tied copies are known
+        return super().local_tensor(full, name, target, chunk) if known else target
 
 
 @mutant
@@ -171,8 +191,8 @@ class SharedExpertCountIgnored(Mutant):
 
     name, part, killed_by, says = "shared-expert-count-ignored", "config", "import", "the bridge raised"
 
-    def megatron_config(self, cfg, layout):
-        return dataclasses.replace(super().megatron_config(cfg, layout),
+    def megatron_config(self, cfg, layout, dtype=torch.float32):
+        return dataclasses.replace(super().megatron_config(cfg, layout, dtype),
                                    moe_shared_expert_intermediate_size=cfg.moe_intermediate_size)
 
 
@@ -182,8 +202,8 @@ class MoeWidthFromDense(Mutant):
 
     name, part, killed_by, says = "moe-width-from-dense", "config", "import", "the bridge raised"
 
-    def megatron_config(self, cfg, layout):
-        return dataclasses.replace(super().megatron_config(cfg, layout), moe_ffn_hidden_size=cfg.intermediate_size)
+    def megatron_config(self, cfg, layout, dtype=torch.float32):
+        return dataclasses.replace(super().megatron_config(cfg, layout, dtype), moe_ffn_hidden_size=cfg.intermediate_size)
 
 
 # ------------------------------------------------------------------------------------ routing
@@ -265,8 +285,8 @@ class NormMinIgnored(Mutant):
 
     name, part, killed_by, says = "norm-min-ignored", "routing", "equivalence", "router weights: relative error"
 
-    def build(self, cfg, layout):
-        return build_chunks(cfg.replace(moe_norm_min=1e-12), self.megatron_config(cfg, layout), layout, self.router_class)
+    def build(self, cfg, layout, dtype=torch.float32):
+        return super().build(cfg.replace(moe_norm_min=1e-12), layout, dtype)
 
 
 @mutant
@@ -521,6 +541,71 @@ class RouterExportedInHalf(Mutant):
     def to_hf(self, cfg, mg):
         hf = super().to_hf(cfg, mg)
         return {k: v.half() if k.endswith(("mlp.gate.weight", "e_score_correction_bias")) else v for k, v in hf.items()}
+
+
+class _RouterInModelDtype(MegatronView):
+    def __getitem__(self, mg_name: str) -> torch.Tensor:
+        tensor = super().__getitem__(mg_name)
+        model_dtype = self.hf["model.embed_tokens.weight"].dtype
+        return tensor.to(model_dtype) if mg_name.endswith("router.weight") else tensor
+
+
+@mutant
+class RouterInModelDtype(Mutant):
+    """The router weight is held in the model's dtype, as Megatron-Core creates it (only its
+    expert bias is kept in fp32): a bf16 checkpoint's fp32 router weight is rounded to bf16 on
+    load and exported so."""
+
+    name, part, killed_by, says = ("router-in-model-dtype", "precision and export", "round_trip",
+                                   "mlp.gate.weight torch.bfloat16 (expected torch.float32)")
+    reveals_in = "bfloat16"
+
+    def build(self, cfg, layout, dtype=torch.float32):
+        chunks = super().build(cfg, layout, dtype)
+        for chunk in chunks:
+            for name, tensor in chunk.state_dict(keep_vars=True).items():
+                if name.endswith("router.weight"):
+                    tensor.data = tensor.data.to(dtype)
+        return chunks
+
+    def to_megatron(self, cfg, hf):
+        return _RouterInModelDtype(cfg, hf, self.transformer_engine)
+
+
+@mutant
+class ExportInFloat32(Mutant):
+    """Export writes every tensor in fp32, the precision of training's master weights, whatever
+    the dtype of the checkpoint that was loaded: a bf16 checkpoint comes back twice as large."""
+
+    name, part, killed_by, says = ("export-in-float32", "precision and export", "round_trip",
+                                   "torch.float32 (expected torch.bfloat16)")
+    reveals_in = "bfloat16"
+
+    def to_hf(self, cfg, mg):
+        return {k: v.float() for k, v in super().to_hf(cfg, mg).items()}
+
+
+@mutant
+class Bfloat16ReadAsFloat16(Mutant):
+    """A bf16 checkpoint's bytes read as float16 (a reader that maps every 2-byte dtype to half):
+    each value is reinterpreted, not converted, and the model is built in float16."""
+
+    name, part, killed_by, says = ("bfloat16-read-as-float16", "precision and export", "equivalence",
+                                   "first divergence at embedding")
+    reveals_in = "bfloat16"
+
+    def model_dtype(self, cfg, hf):
+        dtype = super().model_dtype(cfg, hf)
+        return torch.float16 if dtype == torch.bfloat16 else dtype
+
+    def to_megatron(self, cfg, hf):
+        return _Reinterpreted(cfg, hf, self.transformer_engine)
+
+
+class _Reinterpreted(MegatronView):
+    def __getitem__(self, mg_name: str) -> torch.Tensor:
+        tensor = super().__getitem__(mg_name)
+        return tensor.view(torch.float16) if tensor.dtype == torch.bfloat16 else tensor
 
 
 @mutant

@@ -31,6 +31,8 @@ settings.register_profile("ci", max_examples=100, derandomize=True, database=Non
 settings.register_profile("thorough", max_examples=500, **_COMMON)
 
 DEFAULT_BRIDGE = "reference"
+# --dtype -> the dtypes drawn, fp32 first so that a failure shrinks towards full precision.
+DTYPE_OPTIONS = {"fp32": ["float32"], "bf16": ["bfloat16"], "any": ["float32", "bfloat16"]}
 ENV_HYPOTHESIS_DB = "ERNIE_CONFORMANCE_HYPOTHESIS_DB"
 
 # Per-test tallies in this process (an xdist worker, or the only process). They travel to the
@@ -101,6 +103,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "comma-separated list such as tp1-pp1-ep1-vpp1,tp2-pp2-ep2-vpp1")
     group.addoption("--max-ranks", type=int, default=4,
                     help="ranks for --layouts any (default 4); multi-rank layouts run on a pool of this many processes")
+    group.addoption("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where the bridge's models run: cpu (default; a GPU, if any, is hidden from the suite) or "
+                         "cuda (one GPU; several ranks need torchrun, see conformance.torchrun)")
+    group.addoption("--dtype", default="any", choices=sorted(DTYPE_OPTIONS),
+                    help="dtype of the drawn checkpoints: fp32, bf16 (the router stays fp32, as in the published "
+                         "checkpoints), or any (both; default)")
     group.addoption("--results-json", default=None, help="write each test's outcome, examples and counterexample here")
     group.addoption("--no-shrink", action="store_true",
                     help="report the first failing example as found, without shrinking it (faster, larger)")
@@ -119,6 +127,7 @@ _IGNORED_WARNINGS = (
 
 @pytest.hookimpl(trylast=True)  # after Hypothesis' plugin has loaded --hypothesis-profile
 def pytest_configure(config: pytest.Config) -> None:
+    _select_device(config.getoption("device", "cpu"))
     _PROGRESS["path"] = config.getoption("progress", None)
     _PROGRESS["worker"] = hasattr(config, "workerinput")
     for line in _IGNORED_WARNINGS:
@@ -148,6 +157,19 @@ def pytest_configure(config: pytest.Config) -> None:
     if world is not None:
         check_layouts_fit_world(parse_layouts(config.getoption("layouts"), config.getoption("max_ranks")),
                                 world.world_size, config.getoption("layouts"), config.getoption("max_ranks"))
+
+
+def _select_device(device: str) -> None:
+    """cpu: hide any GPU, before CUDA starts, from this process and the rank processes it starts
+    (the bridges' model code puts models on a GPU whenever it sees one). cuda: one must be there."""
+    if device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _package_version(name: str) -> str:
@@ -181,7 +203,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         f"torch {_package_version('torch')}; hypothesis profile {settings.get_current_profile_name()} "
         f"({settings.default.max_examples} examples)",
         f"layouts: {len(layouts)} ({', '.join(map(str, layouts[:6]))}{', ...' if len(layouts) > 6 else ''}), "
-        f"up to {max(layout.world_size for layout in layouts)} ranks",
+        f"up to {max(layout.world_size for layout in layouts)} ranks; dtypes: "
+        f"{', '.join(DTYPE_OPTIONS[config.getoption('dtype')])}; device {config.getoption('device')}",
         *([f"declared deviations of the adapter from the bridge as shipped ({len(deviations)}):"]
           + [f"  - {d}" for d in deviations] if deviations else []),
     ]
@@ -300,6 +323,7 @@ class SuiteSession:
     counterexamples: Path
     layouts: list
     checkpoint: Path | None
+    dtypes: list[str]  # drawn checkpoints' dtypes; a user's checkpoint has its own
 
 
 @pytest.fixture(scope="session")
@@ -407,12 +431,13 @@ def rank_pool(pytestconfig: pytest.Config):
 
 @pytest.fixture(scope="session")
 def suite(pytestconfig: pytest.Config, bridge, megatron_runtime, rank_pool) -> SuiteSession:
-    from ernie_ref.checkpoint import read_config
+    from ernie_ref.checkpoint import CheckpointError, TensorReader, checkpoint_dtype, read_config
 
     from .counterexample import counterexample_dir
 
     checkpoint = pytestconfig.getoption("checkpoint")
     layouts = parse_layouts(pytestconfig.getoption("layouts"), pytestconfig.getoption("max_ranks"))
+    dtypes = DTYPE_OPTIONS[pytestconfig.getoption("dtype")]
     if checkpoint is not None:
         if not Path(checkpoint, "config.json").is_file():
             raise pytest.UsageError(f"--checkpoint {checkpoint}: no config.json there")
@@ -421,6 +446,10 @@ def suite(pytestconfig: pytest.Config, bridge, megatron_runtime, rank_pool) -> S
         if not fitting:
             raise pytest.UsageError(f"--checkpoint {checkpoint}: no layout of --layouts fits it: {layouts[-1].problem(cfg)}")
         layouts = fitting
+        try:
+            dtypes = [str(checkpoint_dtype(cfg, TensorReader(checkpoint).dtypes)).removeprefix("torch.")]
+        except (CheckpointError, ValueError) as e:
+            raise pytest.UsageError(f"--checkpoint {checkpoint}: {e}") from e
     return SuiteSession(
         bridge=bridge,
         bridge_spec=pytestconfig.getoption("bridge"),
@@ -428,4 +457,5 @@ def suite(pytestconfig: pytest.Config, bridge, megatron_runtime, rank_pool) -> S
         counterexamples=counterexample_dir(pytestconfig.getoption("counterexamples")).resolve(),
         layouts=layouts,
         checkpoint=Path(checkpoint).resolve() if checkpoint else None,
+        dtypes=dtypes,
     )

@@ -25,7 +25,7 @@ from .bridge import Bridge
 from .hf_transformers import load_transformers_model, run_transformers
 from .distributed import INIT_SEEDS, run_on_ranks
 from .megatron_trace import merge_traces
-from .numerics import FP32_RTOL, ROUTING_MARGIN, relative_error
+from .numerics import FP32_RTOL, Tolerance, relative_error, tolerance
 from .strategies import Inputs
 
 __all__ = [
@@ -74,9 +74,11 @@ class Case:
     layout: Layout = Layout()
     corruption: Corruption | None = None
     checkpoint: str | None = None
+    dtype: str = "float32"  # of the drawn weights (the router stays fp32); a user's checkpoint has its own
 
     def describe(self) -> str:
-        weights = f"checkpoint {self.checkpoint}" if self.checkpoint else f"weights seed {self.weights_seed}"
+        weights = (f"checkpoint {self.checkpoint}" if self.checkpoint
+                   else f"{self.dtype} weights seed {self.weights_seed}")
         return (
             f"config: {self.config.one_line()}\n"
             f"  {weights}, layout {self.layout}, "
@@ -113,7 +115,7 @@ def prepare_checkpoint(case: Case, workdir: Path) -> Path:
     weight files, so that a config corruption never touches the original."""
     if case.checkpoint is None:
         hf = workdir / "hf"
-        random_checkpoint(case.config, hf, seed=case.weights_seed)
+        random_checkpoint(case.config, hf, seed=case.weights_seed, dtype=getattr(torch, case.dtype))
         return hf
     source = Path(case.checkpoint)
     if case.corruption is None:
@@ -260,12 +262,14 @@ def check_round_trip(bridge: Bridge, case: Case, hf_dir: Path, out_dir: Path) ->
 
 
 # ---------------------------------------------------------------------------- 3. equivalence
-def oracle_trace(case: Case, hf_dir: Path) -> Trace:
-    """The oracle's trace; raises NearTie when a routing decision is too close to call."""
-    trace = ErnieMoeForCausalLM.from_pretrained(hf_dir)(case.inputs.input_ids(case.config.vocab_size), trace=True)
+def oracle_trace(case: Case, hf_dir: Path, routing_margin: float) -> Trace:
+    """The oracle's trace, computed in fp32 whatever the checkpoint's dtype; raises NearTie when a
+    routing decision is closer than `routing_margin`."""
+    oracle = ErnieMoeForCausalLM.from_pretrained(hf_dir).float()
+    trace = oracle(case.inputs.input_ids(case.config.vocab_size), trace=True)
     margins = [layer.routing.margin.min().item() for layer in trace.layers if layer.routing is not None]
-    if min(margins, default=math.inf) < ROUTING_MARGIN:
-        raise NearTie(f"routing margin {min(margins):.3g} < {ROUTING_MARGIN}")
+    if min(margins, default=math.inf) < routing_margin:
+        raise NearTie(f"routing margin {min(margins):.3g} < {routing_margin}")
     return trace
 
 
@@ -303,23 +307,26 @@ def stage_errors(actual: Trace, expected: Trace, cfg: ErnieMoeConfig) -> list[tu
     return errors
 
 
-def first_divergence(errors: list[tuple[str, float]]) -> str | None:
-    """The first stage, in forward order, whose error is over the tolerance."""
+def first_divergence(errors: list[tuple[str, float]], rtol: float = FP32_RTOL) -> str | None:
+    """The first stage, in forward order, whose error is over `rtol`."""
     for stage, error in errors:
-        if error > FP32_RTOL:
+        if error > rtol:
             if ": " in stage:  # a structural difference, described by the stage itself
                 return stage
-            return f"{stage}: relative error {error:.3g} > {FP32_RTOL}" if "router choice" not in stage else (
+            return f"{stage}: relative error {error:.3g} > {rtol:g}" if "router choice" not in stage else (
                 f"{stage}: {error:.1%} of tokens routed to other experts")
     return None
 
 
 def check_equivalence(bridge: Bridge, case: Case, hf_dir: Path) -> None:
-    """Megatron logits, every layer's hidden states and the routing decisions match the oracle."""
-    expected = oracle_trace(case, hf_dir)
+    """Megatron logits, every layer's hidden states and the routing decisions match the oracle:
+    within `FP32_RTOL` for fp32 checkpoints, `BF16_RTOL` for bf16 ones (the model in bf16, the
+    oracle in fp32 on the same weights)."""
+    tol: Tolerance = tolerance(case.dtype)
+    expected = oracle_trace(case, hf_dir, tol.routing_margin)
     actual = merge_traces(run_on_ranks("trace", bridge, case, hf_dir))
     errors = stage_errors(actual, expected, case.config)
-    if (where := first_divergence(errors)) is not None:
+    if (where := first_divergence(errors, tol.rtol)) is not None:
         raise PropertyFailure(
             "equivalence", case, f"first divergence at {where}; logits relative error {errors[-1][1]:.3g}",
             evidence={"stage_errors": errors},
@@ -328,8 +335,10 @@ def check_equivalence(bridge: Bridge, case: Case, hf_dir: Path) -> None:
 
 # ---------------------------------------------------------------------------- 4. interop
 def check_interop(bridge: Bridge, case: Case, hf_dir: Path, out_dir: Path) -> None:
-    """The exported directory loads in transformers, keys exactly right, and gives the oracle's logits."""
-    expected = oracle_trace(case, hf_dir)
+    """The exported directory loads in transformers, keys exactly right, and gives the oracle's logits.
+    Both run in fp32 on the exported weights (transformers upcasts a bf16 export), so the fp32
+    tolerance holds for every dtype."""
+    expected = oracle_trace(case, hf_dir, tolerance("float32").routing_margin)
     run_on_ranks("export", bridge, case, hf_dir, out_dir)
     try:
         model = load_transformers_model(out_dir)

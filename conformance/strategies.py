@@ -28,6 +28,7 @@ class ConfigLimits:
     max_group: int = 3  # query heads per key/value head
     max_head_dim: int = 16
     max_hidden: int = 48
+    min_hidden: int = 2  # bf16 examples need more: see numerics.Tolerance.min_hidden_size
     max_experts: int = 6
     max_vocab: int = 96
     allow_bias: bool = True
@@ -90,13 +91,15 @@ def configs(draw: st.DrawFn, limits: ConfigLimits = ConfigLimits(), layout: Layo
     kv_heads = pick("num_key_value_heads", st.integers(1, max(1, limits.max_kv_heads // tp)).map(lambda n: n * tp))
     group = draw(st.integers(1, limits.max_group))
     heads = pick("num_attention_heads", st.just(kv_heads * group))
-    head_dim = pick("head_dim", st.integers(1, limits.max_head_dim // 2).map(lambda n: 2 * n))
+    # head_dim (even) large enough that heads * head_dim reaches min_hidden.
+    min_half_dim = min(limits.max_head_dim // 2, max(1, -(-limits.min_hidden // (2 * heads))))
+    head_dim = pick("head_dim", st.integers(min_half_dim, limits.max_head_dim // 2).map(lambda n: 2 * n))
     if draw(st.booleans()):
         # config.json without head_dim: transformers uses hidden // heads, so draw hidden for it.
         hidden = heads * head_dim + draw(st.integers(0, heads - 1))
         explicit_head_dim = False
     else:
-        hidden = pick("hidden_size", st.integers(2, limits.max_hidden // 2).map(lambda n: 2 * n))
+        hidden = pick("hidden_size", st.integers(max(1, limits.min_hidden // 2), limits.max_hidden // 2).map(lambda n: 2 * n))
         explicit_head_dim = True
     min_experts = max(1, 2 // layout.ep)  # at least two experts, so that routing chooses
     experts = pick("moe_num_experts", st.integers(min_experts, max(min_experts, limits.max_experts // layout.ep)).map(lambda n: n * layout.ep))

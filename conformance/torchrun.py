@@ -368,7 +368,7 @@ def _lead(control_group: Any, options: LaunchOptions, backend: str, diagnostics:
         # This process imported conformance before pytest started, too early for pytest to
         # rewrite its asserts (the suite's own test modules are imported later, and rewritten).
         status = int(pytest.main(["--pyargs", "conformance", "-W", "ignore::pytest.PytestAssertRewriteWarning",
-                                  *options.pytest_args]))
+                                  "--device", options.device, *options.pytest_args]))
     finally:
         distributed.set_pool(None)
     if not world.in_step:

@@ -33,6 +33,8 @@ __all__ = [
     "random_checkpoint",
     "random_state_dict",
     "FP32_TENSOR_SUFFIXES",
+    "SUPPORTED_DTYPES",
+    "checkpoint_dtype",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "INDEX_NAME",
@@ -45,6 +47,14 @@ INDEX_NAME = "model.safetensors.index.json"
 # Real ERNIE 4.5 checkpoints keep the router in fp32 whatever the dtype of the rest
 # (transformers' `_keep_in_fp32_modules_strict`).
 FP32_TENSOR_SUFFIXES = ("mlp.gate.weight", "mlp.moe_statics.e_score_correction_bias")
+
+# The dtypes of the published checkpoints (bf16) and of full-precision ones (fp32).
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+
+# safetensors' header names for dtypes, so that a checkpoint's dtypes are known before reading data.
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
 
 # Tensors that transformers ignores when it loads (`_keys_to_ignore_on_load_unexpected`):
 # multi-token-prediction heads of the published checkpoints. They are not part of the model.
@@ -163,11 +173,14 @@ class TensorReader(Mapping[str, torch.Tensor]):
     def __init__(self, path: str | Path):
         self._files = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype | str] = {}  # a dtype torch lacks stays safetensors' name
         for file in _weight_files(Path(path)):
             handle = safe_open(file, framework="pt")
             for name in handle.keys():
                 self._files[name] = handle
-                self.shapes[name] = tuple(handle.get_slice(name).get_shape())
+                header = handle.get_slice(name)
+                self.shapes[name] = tuple(header.get_shape())
+                self.dtypes[name] = _SAFETENSORS_DTYPES.get(header.get_dtype(), header.get_dtype())
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._files:
@@ -198,6 +211,34 @@ def open_checkpoint(path: str | Path) -> tuple[ErnieMoeConfig, TensorReader]:
     reader = TensorReader(path)
     check_state_dict(cfg, reader.shapes)
     return cfg, reader
+
+
+def checkpoint_dtype(cfg: ErnieMoeConfig, dtypes: Mapping[str, torch.dtype | str]) -> torch.dtype:
+    """The dtype of a checkpoint's model: one of `SUPPORTED_DTYPES`, shared by every tensor but the
+    router's (`FP32_TENSOR_SUFFIXES`, always fp32), and the one config.json names if it names one.
+
+    Raises `CheckpointError` naming the first tensor or field that breaks this: a checkpoint of
+    mixed dtypes has no one dtype to convert in, and a bf16 router has lost what fp32 keeps.
+    """
+    model = {k: d for k, d in dtypes.items() if not k.endswith(FP32_TENSOR_SUFFIXES) and IGNORED_KEY_FRAGMENT not in k}
+    if not model:
+        raise CheckpointError("the checkpoint has no tensors")
+    first, dtype = next(iter(model.items()))
+    if dtype not in SUPPORTED_DTYPES:
+        raise CheckpointError(f"tensor {first!r} is {dtype}: expected one of {', '.join(map(str, SUPPORTED_DTYPES))}")
+    for name, d in model.items():
+        if d != dtype:
+            raise CheckpointError(f"tensor {name!r} is {d}: expected {dtype}, the dtype of {first!r} "
+                                  "(every tensor but the router's has one dtype)")
+    for name, d in dtypes.items():
+        if name.endswith(FP32_TENSOR_SUFFIXES) and d != torch.float32:
+            raise CheckpointError(f"tensor {name!r} is {d}: expected torch.float32 (ERNIE 4.5 keeps the router "
+                                  "weight and expert bias in fp32 whatever the dtype of the rest)")
+    for key in ("dtype", "torch_dtype"):
+        named = cfg.extra.get(key)
+        if named is not None and named != str(dtype).removeprefix("torch."):
+            raise CheckpointError(f"config.json {key} {named!r} contradicts the tensors, which are {dtype}")
+    return dtype
 
 
 def load_checkpoint(path: str | Path) -> tuple[ErnieMoeConfig, dict[str, torch.Tensor]]:

@@ -22,6 +22,7 @@ from ernie_ref import (
     random_checkpoint,
     save_checkpoint,
 )
+from ernie_ref.checkpoint import FP32_TENSOR_SUFFIXES, TensorReader, checkpoint_dtype, read_config
 
 HF = dict(
     vocab_size=48, hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
@@ -164,3 +165,46 @@ def test_router_stays_fp32_in_bf16_checkpoints(tmp_path: Path, cfg: ErnieMoeConf
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
     _, loaded = load_checkpoint(tmp_path)
     assert all(loaded[k].dtype == v.dtype and torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def _retyped(path: Path, name: str, dtype: torch.dtype) -> None:
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors[name] = tensors[name].to(dtype)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_checkpoint_dtype_is_read_from_the_headers(tmp_path: Path, cfg: ErnieMoeConfig, dtype: torch.dtype) -> None:
+    random_checkpoint(cfg, tmp_path, seed=0, dtype=dtype)
+    assert checkpoint_dtype(cfg, TensorReader(tmp_path).dtypes) == dtype
+
+
+@pytest.mark.parametrize(
+    "name, dtype, message",
+    [
+        ("model.layers.0.mlp.up_proj.weight", torch.float32,
+         "tensor 'model.layers.0.mlp.up_proj.weight' is torch.float32: expected torch.bfloat16"),
+        ("model.layers.1.mlp.gate.weight", torch.bfloat16,
+         "tensor 'model.layers.1.mlp.gate.weight' is torch.bfloat16: expected torch.float32"),
+        ("model.embed_tokens.weight", torch.float16, "' is torch.float16: expected one of torch.float32, torch.bfloat16"),
+    ],
+)
+def test_mixed_or_unsupported_dtypes_are_named(tmp_path: Path, cfg: ErnieMoeConfig, name: str, dtype, message: str) -> None:
+    random_checkpoint(cfg, tmp_path, seed=0, dtype=torch.bfloat16)
+    _retyped(tmp_path, name, dtype)
+    if dtype == torch.float16:  # every model tensor half: one dtype, but not one the bridge converts
+        for other in expected_keys(cfg):
+            if not other.endswith(FP32_TENSOR_SUFFIXES):
+                _retyped(tmp_path, other, dtype)
+        (tmp_path / "config.json").write_text(json.dumps({**json.loads((tmp_path / "config.json").read_text()),
+                                                          "dtype": "float16"}))
+    with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        checkpoint_dtype(cfg, TensorReader(tmp_path).dtypes)
+
+
+def test_config_dtype_that_contradicts_the_tensors_is_named(tmp_path: Path, cfg: ErnieMoeConfig) -> None:
+    random_checkpoint(cfg, tmp_path, seed=0, dtype=torch.bfloat16)
+    hf = {**json.loads((tmp_path / "config.json").read_text()), "dtype": "float32"}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(CheckpointError, match="config.json dtype 'float32' contradicts the tensors, which are torch.bfloat16"):
+        checkpoint_dtype(read_config(tmp_path), TensorReader(tmp_path).dtypes)

@@ -10,20 +10,23 @@ from ernie_ref.checkpoint import read_config
 from .. import plugin
 from ..counterexample import Counterexample, replay_command
 from ..properties import Case, NearTie, PropertyFailure, run_property
-from ..strategies import configs, corruptions, inputs, seeds
+from ..numerics import tolerance
+from ..strategies import ConfigLimits, configs, corruptions, inputs, seeds
 
 
 def draw_case(data: st.DataObject, suite: plugin.SuiteSession, with_corruption: bool = False) -> Case:
-    """Draw a config (or read the user's checkpoint), weights seed, inputs and layout.
+    """Draw a config (or read the user's checkpoint), weights dtype and seed, inputs and layout.
 
     A config the bridge declares unsupported is recorded as a declared refusal and the example is
     rejected: it is not a failure.
     """
     layout = data.draw(st.sampled_from(suite.layouts), label="layout")
+    dtype = data.draw(st.sampled_from(suite.dtypes), label="dtype")  # a user's checkpoint: its own
     if suite.checkpoint is not None:
         cfg = read_config(suite.checkpoint)  # the suite fixture kept only layouts that fit it
     else:
-        cfg = data.draw(configs(layout=layout), label="config")
+        limits = ConfigLimits(min_hidden=tolerance(dtype).min_hidden_size)  # bf16 needs wider models
+        cfg = data.draw(configs(limits, layout=layout), label="config")
     weights_seed = None
     reason = suite.bridge.unsupported(cfg)
     if reason is not None:
@@ -41,6 +44,7 @@ def draw_case(data: st.DataObject, suite: plugin.SuiteSession, with_corruption: 
         layout=layout,
         corruption=corruption,
         checkpoint=str(suite.checkpoint) if suite.checkpoint is not None else None,
+        dtype=dtype,
     )
     plugin.count_example()
     return case

@@ -12,12 +12,12 @@ from megatron.core import parallel_state
 
 from collections.abc import Mapping
 
-from ernie_ref.checkpoint import expected_keys, open_checkpoint, save_checkpoint
+from ernie_ref.checkpoint import checkpoint_dtype, expected_keys, open_checkpoint, save_checkpoint
 from ernie_ref.config import ErnieMoeConfig
 from ernie_ref.layout import Layout
 
 from .mapping import MegatronView, megatron_to_hf
-from .model import build_chunks, transformer_config
+from .model import build_chunks, transformer_config, transformer_engine_available
 from .router import ErnieRouter
 
 __all__ = ["ReferenceBridge", "UnsupportedConfig"]
@@ -42,6 +42,11 @@ class ReferenceBridge:
     name = "reference"
     router_class: type = ErnieRouter
 
+    def __init__(self, transformer_engine: bool | None = None):
+        # Megatron-Core's Transformer Engine layer spec where TE can run (a GPU with TE
+        # installed), else its local spec; the two name some tensors differently (mapping.te_name).
+        self.transformer_engine = transformer_engine_available() if transformer_engine is None else transformer_engine
+
     def version(self) -> str:
         try:
             v = version("ernie-conformance")
@@ -56,9 +61,9 @@ class ReferenceBridge:
                     "which ERNIE lacks, and GPTModel has no lm_head bias")
         return None
 
-    def megatron_config(self, cfg: ErnieMoeConfig, layout: Layout):
-        """The TransformerConfig of the Megatron model (fp32)."""
-        return transformer_config(cfg, layout, dtype=torch.float32)
+    def megatron_config(self, cfg: ErnieMoeConfig, layout: Layout, dtype: torch.dtype = torch.float32):
+        """The TransformerConfig of the Megatron model, whose parameters are in `dtype`."""
+        return transformer_config(cfg, layout, dtype=dtype)
 
     # The steps of a conversion, each a method so that a variant (a deliberately broken bridge
     # in the meta-tests, say) can change one of them.
@@ -66,19 +71,30 @@ class ReferenceBridge:
         """Config and lazily read tensors; raises naming any missing, extra or misshaped tensor."""
         return open_checkpoint(hf_dir)
 
+    def model_dtype(self, cfg: ErnieMoeConfig, hf: Mapping[str, torch.Tensor]) -> torch.dtype:
+        """The checkpoint's dtype (fp32 or bf16), which the model is built in; raises on mixed dtypes."""
+        dtypes = getattr(hf, "dtypes", None)  # a TensorReader knows them from the file headers
+        return checkpoint_dtype(cfg, dtypes if dtypes is not None else {k: v.dtype for k, v in hf.items()})
+
     def to_megatron(self, cfg: ErnieMoeConfig, hf: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """The full Megatron tensors, built one at a time as the model's parameters ask for them."""
-        return MegatronView(cfg, hf)
+        return MegatronView(cfg, hf, self.transformer_engine)
 
     def to_hf(self, cfg: ErnieMoeConfig, mg: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return megatron_to_hf(cfg, mg)
+        return megatron_to_hf(cfg, mg, self.transformer_engine)
 
     def write_checkpoint(self, out_dir: Path, cfg: ErnieMoeConfig, hf: dict[str, torch.Tensor]) -> None:
         save_checkpoint(out_dir, cfg, hf)
 
-    def build(self, cfg: ErnieMoeConfig, layout: Layout) -> list[torch.nn.Module]:
-        """This rank's model chunks, freshly initialised, for `cfg` under `layout`."""
-        return build_chunks(cfg, self.megatron_config(cfg, layout), layout, self.router_class)
+    def build(self, cfg: ErnieMoeConfig, layout: Layout, dtype: torch.dtype = torch.float32) -> list[torch.nn.Module]:
+        """This rank's model chunks, freshly initialised in `dtype` (the router in fp32), for `cfg` under `layout`."""
+        return build_chunks(cfg, self.megatron_config(cfg, layout, dtype), layout, self.router_class,
+                            self.transformer_engine)
+
+    def local_tensor(self, full: Mapping[str, torch.Tensor], name: str, target: torch.Tensor,
+                     chunk: torch.nn.Module) -> torch.Tensor:
+        """What this rank's tensor `name` (now `target`) is loaded with; raises if the mapping lacks it."""
+        return _local_shard(self, full, name, target, chunk)
 
     def global_name(self, name: str, chunk: torch.nn.Module) -> str | None:
         """This chunk's tensor `name` in the full model (pipeline and expert offsets applied)."""
@@ -95,16 +111,17 @@ class ReferenceBridge:
             raise UnsupportedConfig(f"reference bridge: {reason}")
         if (problem := layout.problem(cfg)) is not None:
             raise ValueError(f"reference bridge: {problem}")
+        dtype = self.model_dtype(cfg, hf)
         full = self.to_megatron(cfg, hf)
-        chunks = self.build(cfg, layout)
-        full_shapes = {k: tuple(v.shape) for k, v in MegatronView(cfg, _meta_tensors(cfg)).items()}
+        chunks = self.build(cfg, layout, dtype)
+        full_shapes = {k: tuple(v.shape) for k, v in MegatronView(cfg, _meta_tensors(cfg), self.transformer_engine).items()}
         for chunk in chunks:
             chunk.ernie_config = cfg  # export writes this config back
             chunk.full_shapes = full_shapes  # tells a tensor-parallel shard from a whole tensor
             # Every parameter and persistent buffer, one tensor at a time, in place.
             with torch.no_grad():
                 for name, target in _own_tensors(chunk).items():
-                    target.copy_(_local_shard(self, full, name, target, chunk))
+                    target.copy_(self.local_tensor(full, name, target, chunk))
         return chunks
 
     # ------------------------------------------------------------------ Megatron -> HF
@@ -192,6 +209,8 @@ def _local_shard(
     if global_name not in full:
         raise RuntimeError(f"reference bridge: the model has {name} (global {global_name}), which the mapping lacks")
     tensor = full[global_name]
+    if tensor.dtype != local.dtype:  # copy_ would cast silently
+        raise RuntimeError(f"reference bridge: {name} is {local.dtype} in the model, the checkpoint gives {tensor.dtype}")
     if tensor.shape == local.shape:
         return tensor
     # Split along the tensor-parallel dimension; fc1 = [gate; up] is split per half (stride 2).

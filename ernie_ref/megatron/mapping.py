@@ -6,6 +6,13 @@ Megatron fuses two pairs that HF keeps apart:
   heads that read it, then k_g, then v_g;
 - gate and up into `fc1` = [gate; up] (dense MLP, each routed expert, the shared experts).
 Everything else is a rename. The conversion is exact: only views, concatenations and copies.
+
+Names are those of Megatron-Core's local layer spec, or with `transformer_engine=True` those of
+its Transformer Engine spec, which fuses a layer norm into the linear layer that follows it: the
+attention norm becomes `self_attention.linear_qkv.layer_norm_weight` and a dense layer's pre-MLP
+norm `mlp.linear_fc1.layer_norm_weight`; an MoE layer keeps its own `pre_mlp_layernorm` (its
+input feeds the router, the routed experts and the shared experts alike). Same tensors, same
+layouts; only these names differ.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import torch
 
 from ernie_ref.config import ErnieMoeConfig
 
-__all__ = ["hf_to_megatron", "megatron_to_hf", "MegatronView", "name_pairs", "fuse_qkv", "split_qkv"]
+__all__ = ["hf_to_megatron", "megatron_to_hf", "MegatronView", "name_pairs", "fuse_qkv", "split_qkv", "te_name"]
 
 
 def fuse_qkv(cfg: ErnieMoeConfig, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -68,7 +75,20 @@ def _layer_pairs(cfg: ErnieMoeConfig, i: int) -> list[tuple[list[str], str]]:
     return pairs
 
 
-def name_pairs(cfg: ErnieMoeConfig) -> list[tuple[list[str], str]]:
+def te_name(cfg: ErnieMoeConfig, name: str) -> str:
+    """The Transformer Engine spec's name of the full model's tensor `name` (local spec)."""
+    parts = name.split(".")
+    if parts[:2] != ["decoder", "layers"] or len(parts) != 5:
+        return name
+    i, norm = int(parts[2]), ".".join(parts[3:])
+    if norm == "input_layernorm.weight":
+        return f"decoder.layers.{i}.self_attention.linear_qkv.layer_norm_weight"
+    if norm == "pre_mlp_layernorm.weight" and not cfg.is_moe_layer(i):
+        return f"decoder.layers.{i}.mlp.linear_fc1.layer_norm_weight"
+    return name
+
+
+def name_pairs(cfg: ErnieMoeConfig, transformer_engine: bool = False) -> list[tuple[list[str], str]]:
     """Every (HF names, Megatron name) of the model, in model order. Tied: no output_layer."""
     pairs = [(["model.embed_tokens.weight"], "embedding.word_embeddings.weight")]
     for i in range(cfg.num_hidden_layers):
@@ -76,6 +96,8 @@ def name_pairs(cfg: ErnieMoeConfig) -> list[tuple[list[str], str]]:
     pairs.append((["model.norm.weight"], "decoder.final_layernorm.weight"))
     if not cfg.tie_word_embeddings:
         pairs.append((["lm_head.weight"], "output_layer.weight"))
+    if transformer_engine:
+        pairs = [(hf_names, te_name(cfg, mg_name)) for hf_names, mg_name in pairs]
     return pairs
 
 
@@ -93,9 +115,9 @@ class MegatronView(Mapping[str, torch.Tensor]):
     """The full Megatron state dict of an HF checkpoint, each tensor built when looked up: with a
     lazy `hf` (a `TensorReader`), loading holds one tensor at a time, never the whole model twice."""
 
-    def __init__(self, cfg: ErnieMoeConfig, hf: Mapping[str, torch.Tensor]):
+    def __init__(self, cfg: ErnieMoeConfig, hf: Mapping[str, torch.Tensor], transformer_engine: bool = False):
         self.cfg, self.hf = cfg, hf
-        self.sources = {mg_name: hf_names for hf_names, mg_name in name_pairs(cfg)}
+        self.sources = {mg_name: hf_names for hf_names, mg_name in name_pairs(cfg, transformer_engine)}
 
     def __getitem__(self, mg_name: str) -> torch.Tensor:
         return megatron_tensor(self.cfg, self.hf, self.sources[mg_name], mg_name)
@@ -107,15 +129,16 @@ class MegatronView(Mapping[str, torch.Tensor]):
         return len(self.sources)
 
 
-def hf_to_megatron(cfg: ErnieMoeConfig, hf: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def hf_to_megatron(cfg: ErnieMoeConfig, hf: Mapping[str, torch.Tensor],
+                   transformer_engine: bool = False) -> dict[str, torch.Tensor]:
     """HF tensors (as `load_checkpoint` returns them) -> full Megatron state dict."""
-    return dict(MegatronView(cfg, hf))
+    return dict(MegatronView(cfg, hf, transformer_engine))
 
 
-def megatron_to_hf(cfg: ErnieMoeConfig, mg: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def megatron_to_hf(cfg: ErnieMoeConfig, mg: dict[str, torch.Tensor], transformer_engine: bool = False) -> dict[str, torch.Tensor]:
     """Full Megatron state dict -> HF tensors with HF's names and shapes."""
     out = {}
-    for hf_names, mg_name in name_pairs(cfg):
+    for hf_names, mg_name in name_pairs(cfg, transformer_engine):
         t = mg[mg_name]
         if mg_name.endswith("linear_qkv.weight"):
             parts = split_qkv(cfg, t)

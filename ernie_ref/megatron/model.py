@@ -19,7 +19,24 @@ from ernie_ref.layout import Layout
 
 from .router import ErnieRouter
 
-__all__ = ["transformer_config", "decoder_block_spec", "build_chunks"]
+__all__ = ["transformer_config", "decoder_block_spec", "build_chunks", "FP32_PARAMETER_SUFFIXES",
+           "transformer_engine_available"]
+
+# The router's tensors, which real checkpoints keep in fp32 (HF `mlp.gate.weight` and
+# `mlp.moe_statics.e_score_correction_bias`): kept in fp32 in the model too, so that a bf16
+# conversion loses nothing and routes on the checkpoint's own numbers.
+FP32_PARAMETER_SUFFIXES = ("mlp.router.weight", "mlp.router.expert_bias")
+
+
+def transformer_engine_available() -> bool:
+    """Transformer Engine's PyTorch layers can run here: the package imports and a GPU is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken install (no CUDA libraries, say) is the same as none
+        return False
+    return True
 
 
 def transformer_config(cfg: ErnieMoeConfig, layout: Layout, dtype: torch.dtype = torch.float32) -> TransformerConfig:
@@ -63,6 +80,7 @@ def transformer_config(cfg: ErnieMoeConfig, layout: Layout, dtype: torch.dtype =
         sequence_parallel=False,
         params_dtype=dtype,
         pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
         # CPU: no fused kernels exist there, and weights must be created on the CPU.
         use_cpu_initialization=on_cpu,
         bias_activation_fusion=False,
@@ -91,10 +109,16 @@ def _with_router(mlp_spec, router):
 
 
 def decoder_block_spec(
-    cfg: ErnieMoeConfig, tconfig: TransformerConfig, vp_stage: int | None = None, router_class: type = ErnieRouter
+    cfg: ErnieMoeConfig, tconfig: TransformerConfig, vp_stage: int | None = None, router_class: type = ErnieRouter,
+    transformer_engine: bool = False,
 ):
-    """Local (non-Transformer-Engine) spec, one layer spec per layer so that dense and MoE mix."""
-    block = get_gpt_decoder_block_spec(tconfig, use_transformer_engine=False, normalization="RMSNorm", vp_stage=vp_stage)
+    """The local or Transformer Engine spec, one layer spec per layer so that dense and MoE mix.
+    Routed experts are one MLP each (no grouped GEMM), so that their names are the same in both."""
+    if transformer_engine and not transformer_engine_available():
+        raise RuntimeError("the Transformer Engine layer spec needs transformer_engine and a CUDA GPU; "
+                           "use the local spec (transformer_engine=False) here")
+    block = get_gpt_decoder_block_spec(tconfig, use_transformer_engine=transformer_engine, normalization="RMSNorm",
+                                       vp_stage=vp_stage)
     router = functools.partial(router_class, norm_min=cfg.moe_norm_min)
     layers = [
         dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=_with_router(spec.submodules.mlp, router)))
@@ -104,7 +128,8 @@ def decoder_block_spec(
 
 
 def build_chunks(
-    cfg: ErnieMoeConfig, tconfig: TransformerConfig, layout: Layout, router_class: type = ErnieRouter
+    cfg: ErnieMoeConfig, tconfig: TransformerConfig, layout: Layout, router_class: type = ErnieRouter,
+    transformer_engine: bool = False,
 ) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), inside an initialised parallel state."""
     chunks = []
@@ -115,7 +140,7 @@ def build_chunks(
         chunks.append(
             GPTModel(
                 config=tconfig,
-                transformer_layer_spec=decoder_block_spec(cfg, tconfig, vp, router_class),
+                transformer_layer_spec=decoder_block_spec(cfg, tconfig, vp, router_class, transformer_engine),
                 vocab_size=cfg.vocab_size,
                 max_sequence_length=4096,
                 pre_process=pre,
@@ -127,4 +152,20 @@ def build_chunks(
                 vp_stage=vp,
             )
         )
+        _set_dtypes(chunks[-1], tconfig.params_dtype)
     return chunks
+
+
+def _set_dtypes(chunk: GPTModel, dtype: torch.dtype) -> None:
+    """Every tensor in `dtype` but the router's, in fp32. Megatron-Core creates linear layers in
+    params_dtype but its local norms in fp32 and the router weight in params_dtype; in training,
+    its Float16Module casts the whole model. Here each tensor gets the dtype the checkpoint
+    stores it in, so that a conversion holds every tensor exactly and writes it back as it was."""
+    # Parameters and persistent buffers only: the rotary frequencies and other working buffers
+    # keep the precision Megatron computes them in.
+    for name, tensor in chunk.state_dict(keep_vars=True).items():
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            continue
+        wanted = torch.float32 if name.endswith(FP32_PARAMETER_SUFFIXES) else dtype
+        if tensor.dtype != wanted:
+            tensor.data = tensor.data.to(wanted)

@@ -27,7 +27,8 @@ class ErnieRouter(TopKRouter):
         if getattr(self, "expert_bias", None) is None:
             if hasattr(self, "expert_bias"):
                 del self.expert_bias
-            self.register_buffer("expert_bias", torch.zeros(config.num_moe_experts, dtype=torch.float32))
+            self.register_buffer("expert_bias", torch.zeros(config.num_moe_experts, dtype=torch.float32,
+                                                             device=self.weight.device))
 
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None, **kwargs):
         """logits [T, E] -> (probs [T, E], zero outside the chosen experts; routing_map [T, E] bool)."""
