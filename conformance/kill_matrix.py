@@ -133,7 +133,7 @@ def render_markdown(runs: list[MutantRun], profile: str, wall_s: float) -> str:
         "# Kill matrix",
         "",
         f"Every property of the suite against every mutant of `conformance/mutants.py` ({len(runs)} broken",
-        f"bridges), {profile} profile, layouts drawn from every layout of up to 4 ranks. A cell gives the",
+        f"bridges), {profile} profile, layouts drawn from every layout of up to 4 ranks, fp32 and bf16 checkpoints. A cell gives the",
         "number of the first failing example and the seconds to it (before shrinking), or the",
         "examples a property ran without failing (drawn examples, including those set aside for a",
         "routing near-tie). Regenerate with `ernie-conformance kill-matrix`.",
@@ -162,5 +162,6 @@ def render_markdown(runs: list[MutantRun], profile: str, wall_s: float) -> str:
     for run in sorted(runs, key=lambda r: (order[MUTANTS[r.mutant].part], r.mutant)):
         cls = MUTANTS[run.mutant]
         where = f" Right on one rank; revealed under {cls.reveals_under}." if cls.reveals_under else ""
+        where += f" Right for fp32 checkpoints; revealed by {cls.reveals_in} ones." if cls.reveals_in else ""
         lines.append(f"- `{run.mutant}` ({cls.part}): {cls.bug()}{where}")
     return "\n".join(lines) + "\n"
