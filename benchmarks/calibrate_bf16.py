@@ -32,7 +32,8 @@ from conformance.distributed import run_on_ranks
 from conformance.megatron_runtime import apply_cpu_patches, init_process_group_once
 from conformance.megatron_trace import merge_traces
 from conformance.numerics import relative_error, tolerance
-from conformance.properties import Case, prepare_checkpoint
+from conformance.cases import Case, Inputs
+from conformance.properties import prepare_checkpoint
 from conformance.strategies import ConfigLimits, configs, inputs, seeds
 from ernie_ref import ErnieMoeForCausalLM
 

@@ -12,7 +12,8 @@ import torch
 from ernie_ref import ErnieMoeConfig
 from ernie_ref.layout import Layout
 
-__all__ = ["Bridge", "Layout", "BridgeNotFound", "ENTRY_POINT_GROUP", "resolve_bridge", "registered_bridges"]
+__all__ = ["Bridge", "Layout", "BridgeError", "BridgeNotFound", "ENTRY_POINT_GROUP", "bridge_call", "resolve_bridge",
+           "registered_bridges"]
 
 ENTRY_POINT_GROUP = "ernie_conformance.bridges"
 
@@ -71,3 +72,36 @@ def resolve_bridge(name: str) -> Bridge:
         return obj()
     except Exception as e:  # noqa: BLE001 - whatever stops construction, say which bridge
         raise BridgeNotFound(f"--bridge {name!r}: {target}() failed: {type(e).__name__}: {e}") from e
+
+
+class BridgeError(Exception):
+    """An exception raised by the bridge under test itself: in `call` ("load", "export", the
+    "forward" of its model, or "unsupported"), on `ranks` (empty: in this process).
+
+    Only these count against a bridge; any other exception inside a property is an error of the
+    suite. The bridge's traceback travels as text, since it may come from another process.
+    """
+
+    def __init__(self, call: str, exception: str, message: str, traceback_text: str, ranks: tuple[int, ...] = ()):
+        super().__init__(call, exception, message, traceback_text, tuple(ranks))
+        self.call, self.exception, self.message, self.traceback_text, self.ranks = (
+            call, exception, message, traceback_text, tuple(ranks))
+
+    def __str__(self) -> str:
+        where = f" on rank{'s' if len(self.ranks) > 1 else ''} {', '.join(map(str, self.ranks))}" if self.ranks else ""
+        return f"{self.exception} in {self.call}{where}: {self.message}"
+
+    def on_ranks(self, ranks: tuple[int, ...]) -> BridgeError:
+        return BridgeError(self.call, self.exception, self.message, self.traceback_text, ranks)
+
+
+def bridge_call(call: str, fn, *args, **kwargs):
+    """`fn(*args, **kwargs)`, a call into the bridge under test: whatever it raises becomes a
+    `BridgeError` naming `call`, with the bridge's traceback kept. (Rank stacks that show this
+    function's name were inside the bridge when they hung: see `conformance.distributed`.)"""
+    import traceback
+
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - everything the bridge raises is attributed to it
+        raise BridgeError(call, type(e).__name__, str(e).strip(), "".join(traceback.format_exception(e))) from e

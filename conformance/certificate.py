@@ -13,7 +13,7 @@ import os
 import platform
 import textwrap
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +23,33 @@ from ernie_ref.layout import Layout
 from .counterexample import Counterexample, replay_command
 from .numerics import FP32_RTOL, tolerance
 from .properties import PROPERTIES
+from .versions import package_version
 
 __all__ = ["SCHEMA", "build_certificate", "validate", "write_certificate", "plot_stage_errors", "render_markdown"]
 
-SCHEMA = "ernie-conformance/certificate/v1"
+SCHEMA = "ernie-conformance/certificate/v2"
 SCHEMA_FILE = Path(__file__).with_name("certificate.schema.json")
 
 
-def _version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
+def _test_name(test_id: str) -> str:
+    return test_id.rsplit("::", 1)[-1]
 
 
 def _property_of(test_id: str) -> str | None:
-    name = test_id.rsplit("::", 1)[-1].split("[")[0]
-    prop = name.removeprefix("test_")
+    prop = _test_name(test_id).split("[")[0].removeprefix("test_")
     return prop if prop in PROPERTIES else None
+
+
+def _structure_of(test_id: str) -> str | None:
+    name = _test_name(test_id)
+    if name.startswith("test_published_structure_is_supported["):
+        return name.split("[", 1)[1].rstrip("]")
+    return None
+
+
+def relative(path: str | Path, base: Path) -> str:
+    """`path` relative to `base` (the certificate's directory), with forward slashes."""
+    return Path(os.path.relpath(Path(path).resolve(), base.resolve())).as_posix()
 
 
 def build_certificate(
@@ -49,70 +58,153 @@ def build_certificate(
     bridge_spec: str,
     results: dict[str, Any],
     profile: str,
-    max_examples: int,
     layouts: list[str],
     device: str,
-    dtypes: list[str] | None = None,
+    dtypes: list[str],
     checkpoint: str | None,
     out_dir: Path,
 ) -> dict[str, Any]:
-    """Turn the suite's results (`--results-json`) into a certificate dict."""
-    properties: dict[str, Any] = {p: {"verdict": "not run", "examples": 0, "duration_s": 0.0, "failure": None} for p in PROPERTIES}
+    """Turn the suite's results (`--results-json`) into a certificate dict: what was drawn and
+    what held, with every path relative to `out_dir`."""
+    required = results["required_examples"]
+    properties: dict[str, Any] = {p: _not_run() for p in PROPERTIES}
+    published: dict[str, Any] = {}
     for result in results["results"]:
+        if (structure := _structure_of(result["test"])) is not None:
+            reason = result["why"] if result["verdict"] != "pass" else ""
+            published[structure] = {"verdict": "supported" if result["verdict"] == "pass" else result["verdict"],
+                                    "reason": reason}
+            continue
         prop = _property_of(result["test"])
         if prop is None:
             continue
-        verdict = {"passed": "pass", "failed": "fail", "xfailed": "known failure", "skipped": "not run"}.get(
-            result["outcome"], result["outcome"])
-        entry = {"verdict": verdict, "examples": result["examples"], "duration_s": result["duration_s"], "failure": None}
-        if verdict in ("fail", "known failure"):
+        record = result["record"]
+        entry = {
+            "verdict": result["verdict"],
+            "why": result["why"],
+            "examples": record.get("valid", 0),
+            "draws": record.get("draws", 0),
+            "ties": record.get("ties", 0),
+            "refusals": record.get("refusals", {}),
+            "layouts": record.get("layouts", {}),
+            "dtypes": record.get("dtypes", {}),
+            "shrink_calls": record.get("shrink_calls", 0),
+            "duration_s": result["duration_s"],
+            "failure": None,
+        }
+        if prop == "refusal":
+            named = record.get("refusal_named", {})
+            entry["errors_naming_the_corruption"] = {"named": named.get("named", 0), "unnamed": named.get("unnamed", 0)}
+        if result["verdict"] in ("fail", "known failure", "error"):
             entry["failure"] = _failure_entry(result, out_dir, prop)
         properties[prop] = entry
-    deviations = list(getattr(bridge, "deviations", lambda: [])())
+    records = [r["record"] for r in results["results"] if _property_of(r["test"])]
+    draws = sum(r.get("draws", 0) for r in records)
+    refusals = results.get("refusals", {})
     verdicts = [p["verdict"] for p in properties.values()]
-    return {
+    certificate = {
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "bridge": {"name": bridge.name, "spec": bridge_spec, "version": bridge.version()},
         "versions": {
-            "ernie-conformance": _version("ernie-conformance"),
-            "megatron-core": _version("megatron-core"),
-            "transformers": _version("transformers"),
-            "torch": _version("torch"),
+            "ernie-conformance": package_version("ernie-conformance"),
+            "megatron-core": package_version("megatron-core"),
+            "transformers": package_version("transformers"),
+            "torch": package_version("torch"),
             "python": platform.python_version(),
         },
         "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count() or 1,
                     "device": device},
-        "profile": {"name": profile, "max_examples": max_examples},
-        "layouts": layouts,
-        **({"dtypes": dtypes} if dtypes else {}),
-        "checkpoint": checkpoint,
-        "deviations": deviations,
-        "refusals": results.get("refusals", {}),
+        "profile": {"name": profile, "required_examples": required, "max_shrinks": results.get("max_shrinks", 0)},
+        "requested": {"layouts": layouts, "dtypes": dtypes},
+        "tested": {
+            "examples": sum(r.get("valid", 0) for r in records),
+            "draws": draws,
+            "ties": sum(r.get("ties", 0) for r in records),
+            "declared_unsupported": sum(refusals.values()),
+            "layouts": dict(_summed(r.get("layouts", {}) for r in records)),
+            "dtypes": dict(_summed(r.get("dtypes", {}) for r in records)),
+            "config_limits": _limits(records),
+        },
+        "checkpoint": relative(checkpoint, out_dir) if checkpoint else None,
+        "deviations": list(getattr(bridge, "deviations", lambda: [])()),
+        "refusals": {reason: {"draws": n, "share": round(n / max(draws, 1), 4)} for reason, n in refusals.items()},
+        "published": published,
         "properties": properties,
         "known_failures": [p for p, e in properties.items() if e["verdict"] == "known failure"],
-        "conforms": all(v == "pass" for v in verdicts),
+        "conforms": all(v == "pass" for v in verdicts) and bool(published)
+                    and all(e["verdict"] == "supported" for e in published.values()),
     }
+    certificate["headline"] = headline(certificate)
+    return certificate
+
+
+def _not_run() -> dict[str, Any]:
+    return {"verdict": "not run", "why": "", "examples": 0, "draws": 0, "ties": 0, "refusals": {}, "layouts": {},
+            "dtypes": {}, "shrink_calls": 0, "duration_s": 0.0, "failure": None}
+
+
+def _summed(counters: Any) -> Counter[str]:
+    total: Counter[str] = Counter()
+    for counts in counters:
+        total.update(counts)
+    return total
+
+
+def _limits(records: list[dict[str, Any]]) -> dict[str, Any]:
+    limits: dict[str, Any] = {}
+    for record in records:
+        for dtype, values in record.get("limits", {}).items():
+            limits.setdefault(dtype, values)
+    return limits
+
+
+def headline(c: dict[str, Any]) -> str:
+    """One paragraph: the verdict, what it rests on, and what the bridge declared unsupported."""
+    t = c["tested"]
+    verdict = "CONFORMS" if c["conforms"] else "DOES NOT CONFORM"
+    counts = {v: sum(e["verdict"] == v for e in c["properties"].values())
+              for v in ("pass", "fail", "inconclusive", "error", "known failure", "not run")}
+    parts = [f"{verdict}: " + ", ".join(f"{n} {v}" for v, n in counts.items() if n) + " of 5 properties"]
+    source = f"the checkpoint {c['checkpoint']}" if c["checkpoint"] else "drawn checkpoints"
+    parts.append(f"on {t['examples']} valid examples of {source} "
+                 f"({', '.join(f'{n} {d}' for d, n in sorted(t['dtypes'].items())) or 'none'}; "
+                 f"{len(t['layouts'])} layout{'s' if len(t['layouts']) != 1 else ''})")
+    refused = [s for s, e in c["published"].items() if e["verdict"] != "supported"]
+    if refused:
+        parts.append("declares published structures unsupported: " + ", ".join(refused))
+    elif c["published"]:
+        parts.append("supports the published structures " + ", ".join(c["published"]))
+    if c["refusals"]:
+        parts.append("declared unsupported: " + "; ".join(
+            f"{reason} ({e['share']:.0%} of {t['draws']} draws)" for reason, e in c["refusals"].items()))
+    else:
+        parts.append("declared nothing unsupported")
+    return "; ".join(parts) + "."
 
 
 def _failure_entry(result: dict[str, Any], out_dir: Path, prop: str) -> dict[str, Any]:
-    entry: dict[str, Any] = {"message": _first_lines(result["message"]), "counterexample": None}
+    """What failed, in the property's own words, from the counterexample file (never pytest's or
+    Hypothesis's raw report, whose lines name this machine's files)."""
     path = result.get("counterexample")
-    if not path or not Path(path).is_file():
-        return entry
+    if result["verdict"] == "error" or not path or not Path(path).is_file():
+        return {"message": result["why"] or _exception_lines(result["message"]), "kind": "suite error"
+                if result["verdict"] == "error" else "", "facts": {}, "counterexample": None}
     example = Counterexample.load(path)
+    entry: dict[str, Any] = {"message": example.message, "kind": example.kind, "facts": example.facts}
     entry["counterexample"] = {
-        "file": str(Path(path).resolve()),
-        "replay": replay_command(Path(path).resolve()),
+        "file": relative(path, out_dir),
+        "replay": replay_command(relative(path, out_dir)),
         "config": ErnieMoeConfig.from_hf(example.config).one_line(),
         "weights_seed": example.weights_seed,
-        "checkpoint": example.checkpoint,
+        "checkpoint": relative(example.checkpoint_path(), out_dir) if example.checkpoint else None,
         "inputs": example.inputs,
         "layout": str(Layout(**example.layout)),
         "dtype": example.dtype,
         "corruption": example.corruption,
-        "message": example.message,
     }
+    if "traceback" in example.evidence:
+        entry["traceback"] = example.evidence["traceback"]
     if "stage_errors" in example.evidence:
         errors = [(stage, float(err)) for stage, err in example.evidence["stage_errors"]]
         entry["stage_errors"] = [[s, e if math.isfinite(e) else str(e)] for s, e in errors]
@@ -125,14 +217,9 @@ def _failure_entry(result: dict[str, Any], out_dir: Path, prop: str) -> dict[str
     return entry
 
 
-def _first_lines(text: str, limit: int = 20) -> str:
-    """What the failure said: the exception lines of pytest's long report, without the traceback
-    and without Hypothesis' dump of the example (the counterexample entry has it, shorter)."""
+def _exception_lines(text: str, limit: int = 20) -> str:
+    """The exception lines of pytest's long report ("E ..."), without the traceback."""
     lines = [line[2:] for line in text.splitlines() if line.startswith("E ")] or text.splitlines()[-limit:]
-    for i, line in enumerate(lines):
-        if line.strip().startswith(("Failing test case", "Falsifying example")):
-            lines = lines[:i]
-            break
     return textwrap.dedent("\n".join(lines[:limit])).strip()
 
 
@@ -168,32 +255,54 @@ def validate(certificate: dict[str, Any]) -> None:
 
 
 def render_markdown(c: dict[str, Any]) -> str:
-    b, v, m = c["bridge"], c["versions"], c["machine"]
+    b, v, m, t = c["bridge"], c["versions"], c["machine"], c["tested"]
     verdict = "**CONFORMS**" if c["conforms"] else "**DOES NOT CONFORM**"
     lines = [
         f"# Conformance certificate: {b['name']} {b['version']}",
         "",
         f"{verdict} (ernie-conformance {v['ernie-conformance']}, {c['created']})",
         "",
+        c["headline"],
+        "",
         "| | |", "|---|---|",
         f"| bridge | `{b['spec']}` version {b['version']} |",
         f"| megatron-core / transformers / torch | {v['megatron-core']} / {v['transformers']} / {v['torch']} |",
         f"| python, machine | {v['python']}, {m['platform']} ({m['processor']}, {m['cpus']} CPUs), device {m['device']} |",
-        f"| profile | {c['profile']['name']} ({c['profile']['max_examples']} examples per property) |",
-        f"| layouts | {', '.join(c['layouts'])} |",
-        *([f"| dtypes of drawn checkpoints | {', '.join(c['dtypes'])} |"] if c.get("dtypes") else []),
+        f"| profile | {c['profile']['name']} ({c['profile']['required_examples']} valid examples per property required; "
+        f"at most {c['profile']['max_shrinks']} to shrink a failure) |",
+        f"| checkpoints | {'`' + c['checkpoint'] + '`' if c['checkpoint'] else 'drawn'}; dtypes requested "
+        f"{', '.join(c['requested']['dtypes'])} |",
+        f"| layouts requested | {', '.join(c['requested']['layouts'])} |",
     ]
-    if c["checkpoint"]:
-        lines.append(f"| checkpoint | `{c['checkpoint']}` |")
-    lines += ["", "## Verdicts", "", "| property | verdict | examples | seconds |", "|---|---|---:|---:|"]
+    lines += ["", "## What was tested", "",
+              f"{t['examples']} valid examples over the five properties, from {t['draws']} draws: "
+              f"{t['declared_unsupported']} declared unsupported by the bridge, {t['ties']} set aside as routing ties.",
+              "", "| valid examples per layout | |", "|---|---:|"]
+    lines += [f"| {layout} | {n} |" for layout, n in sorted(t["layouts"].items())]
+    lines += ["", "| valid examples per checkpoint dtype | |", "|---|---:|"]
+    lines += [f"| {dtype} | {n} |" for dtype, n in sorted(t["dtypes"].items())]
+    if t["config_limits"]:
+        lines += ["", "Config limits in force (`conformance.strategies.ConfigLimits`), by dtype:", ""]
+        lines += [f"- {dtype}: " + ", ".join(f"{k}={val}" for k, val in limits.items())
+                  for dtype, limits in t["config_limits"].items()]
+    lines += ["", "## Published structures", "", "| structure | verdict | reason |", "|---|---|---|"]
+    lines += [f"| {s} | {e['verdict']} | {e['reason']} |" for s, e in c["published"].items()] or ["| (not run) | | |"]
+    lines += ["", "## Verdicts", "",
+              "| property | verdict | valid examples | draws | declared unsupported | ties | seconds | why |",
+              "|---|---|---:|---:|---:|---:|---:|---|"]
     for prop, e in c["properties"].items():
-        lines.append(f"| {prop} | {e['verdict']} | {e['examples']} | {e['duration_s']:.1f} |")
+        lines.append(f"| {prop} | {e['verdict']} | {e['examples']} | {e['draws']} | {sum(e['refusals'].values())} | "
+                     f"{e['ties']} | {e['duration_s']:.1f} | {e['why']} |")
+    named = c["properties"]["refusal"].get("errors_naming_the_corruption")
+    if named:
+        lines += ["", f"Refusal errors that name the corrupted tensor or field: {named['named']} of "
+                      f"{named['named'] + named['unnamed']}."]
     lines += ["", "## Declared deviations", ""]
     lines += [f"- {d}" for d in c["deviations"]] or ["None."]
     lines += ["", "## Declared refusals (configs the bridge says it does not support)", ""]
-    lines += [f"- {reason} ({count} drawn configs)" for reason, count in c["refusals"].items()] or ["None."]
-    for title, wanted in (("Failures", "fail"), ("Known failures", "known failure")):
-        failing = {p: e for p, e in c["properties"].items() if e["verdict"] == wanted}
+    lines += [f"- {reason}: {e['draws']} draws ({e['share']:.0%})" for reason, e in c["refusals"].items()] or ["None."]
+    for title, wanted in (("Failures", "fail"), ("Errors of the suite", "error"), ("Known failures", "known failure")):
+        failing = {p: e for p, e in c["properties"].items() if e["verdict"] == wanted and e["failure"]}
         if not failing:
             continue
         lines += ["", f"## {title}"]
@@ -203,10 +312,12 @@ def render_markdown(c: dict[str, Any]) -> str:
             ce = f.get("counterexample")
             if ce:
                 weights = (f"checkpoint `{ce['checkpoint']}`" if ce["checkpoint"]
-                           else f"{ce.get('dtype', 'float32')} weights seed {ce['weights_seed']}")
+                           else f"{ce['dtype']} weights seed {ce['weights_seed']}")
                 lines += ["", f"Shrunk counterexample: config `{ce['config']}`, {weights}, layout {ce['layout']}, "
                               f"inputs {ce['inputs']}" + (f", corruption {ce['corruption']}" if ce["corruption"] else ""),
-                          "", f"Reproduce: `{ce['replay']}`"]
+                          "", f"Reproduce (from this directory): `{ce['replay']}`"]
+            if f.get("traceback"):
+                lines += ["", "The bridge's traceback:", "", "```", f["traceback"].rstrip(), "```"]
             if f.get("plot"):
                 lines += ["", f"![error by stage]({f['plot']})"]
             if f.get("stage_errors"):

@@ -92,7 +92,7 @@ def _certify(args: argparse.Namespace) -> int:
     jobs = args.jobs if args.jobs is not None else max(1, min((os.cpu_count() or 1) // 4, 5))
     command = [
         sys.executable, "-m", "pytest", "--pyargs", "conformance.suite",
-        "--bridge", args.bridge, f"--hypothesis-profile={args.profile}",
+        "--bridge", args.bridge, f"--hypothesis-profile=ernie-{args.profile}",
         "--counterexamples", str(out / "counterexamples"), "--results-json", str(results_path),
         "--layouts", args.layouts, "--device", args.device, "--dtype", args.dtype, "--progress", str(out / "progress.log"), "-p", "no:cacheprovider", "-q",
     ]
@@ -100,6 +100,8 @@ def _certify(args: argparse.Namespace) -> int:
         command += ["-n", str(jobs)]
     if args.max_examples:
         command += ["--max-examples", str(args.max_examples)]
+    if args.max_shrinks is not None:
+        command += ["--max-shrinks", str(args.max_shrinks)]
     if args.checkpoint:
         command += ["--checkpoint", str(Path(args.checkpoint).resolve())]
     if args.xfails_file:
@@ -124,24 +126,25 @@ def _certify(args: argparse.Namespace) -> int:
         print(f"certify: the suite did not run (pytest exit {proc.returncode}); see {log}", file=sys.stderr)
         return 2
 
-    from hypothesis import settings
-
-    from . import plugin  # noqa: F401 - registers the profiles
-    from .plugin import DTYPE_OPTIONS
     from .certificate import build_certificate, write_certificate
+    from .plugin import DTYPE_OPTIONS
 
-    max_examples = args.max_examples or settings.get_profile(args.profile).max_examples
     certificate = build_certificate(
         bridge=bridge, bridge_spec=args.bridge, results=json.loads(results_path.read_text()),
-        profile=args.profile, max_examples=max_examples, layouts=_layout_names(args.layouts),
-        device=args.device, dtypes=DTYPE_OPTIONS[args.dtype], checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None, out_dir=out,
+        profile=args.profile, layouts=_layout_names(args.layouts), device=args.device,
+        dtypes=DTYPE_OPTIONS[args.dtype], checkpoint=args.checkpoint, out_dir=out,
     )
     write_certificate(certificate, out)
     verdict = "CONFORMS" if certificate["conforms"] else "DOES NOT CONFORM"
     print(f"{bridge.name} {bridge.version()}: {verdict}; certificate: {out / 'certificate.md'}")
+    print(f"  {certificate['headline']}")
+    for structure, entry in certificate["published"].items():
+        print(f"  {structure:<22} {entry['verdict']}" + (f": {entry['reason']}" if entry["reason"] else ""))
     for prop, entry in certificate["properties"].items():
         ce = (entry["failure"] or {}).get("counterexample")
-        print(f"  {prop:<12} {entry['verdict']}" + (f"  (reproduce: {ce['replay']})" if ce else ""))
+        print(f"  {prop:<12} {entry['verdict']:<13} {entry['examples']} valid examples"
+              + (f"  ({entry['why']})" if entry["why"] else "")
+              + (f"  (reproduce, in {out}: {ce['replay']})" if ce else ""))
     return 0 if certificate["conforms"] else 1
 
 
@@ -194,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     certify.add_argument("--checkpoint", default=None, help="certify on this HF checkpoint instead of drawn weights")
     certify.add_argument("--xfails-file", default=None, help="known failures of this bridge (test ids)")
     certify.add_argument("--max-examples", type=int, default=None, help="override the profile's examples per property")
+    certify.add_argument("--max-shrinks", type=int, default=None,
+                         help="examples run to shrink a failure, at most (default: the profile's)")
     certify.add_argument("--jobs", type=int, default=None, help="pytest-xdist processes (default: CPUs / 4, at most 5)")
     certify.set_defaults(run=_certify)
 
@@ -208,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                                                 "write the kill matrix")
     matrix.add_argument("--out", default="docs/kill-matrix.md", help="markdown file to write ('-': print only)")
     matrix.add_argument("--mutants", default=None, help="comma-separated mutant names (default: all)")
-    matrix.add_argument("--profile", default="ci", choices=["dev", "ci", "thorough"])
+    matrix.add_argument("--profile", default="ci", choices=["dev", "ci", "thorough"],
+                        help="the suite's Hypothesis profile ernie-PROFILE")
     matrix.add_argument("--jobs", type=int, default=1, help="mutants run at once (each a pytest process)")
     matrix.set_defaults(run=_kill_matrix)
 

@@ -2,7 +2,9 @@
 
 The file holds everything `run_property` needs to rebuild the case: the bridge as it was named
 on the command line, the property, the HF config, the weights seed (or the user checkpoint),
-the inputs, the layout and the corruption; plus what was seen (message and evidence).
+the inputs, the layout and the corruption; plus what was seen (the failure's kind and facts, its
+message and evidence). A user checkpoint is named relative to the file's own directory, so that a
+committed counterexample replays on any machine.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from typing import Any
 from ernie_ref import ErnieMoeConfig
 from ernie_ref.layout import Layout
 
-from .properties import Case, Corruption, PropertyFailure
-from .strategies import Inputs
+from .cases import Case, Corruption, Inputs
+from .properties import PropertyFailure
 
 __all__ = ["Counterexample", "SCHEMA", "counterexample_dir", "ENV_DIR", "replay_command"]
 
-SCHEMA = "ernie-conformance/counterexample/v1"
+SCHEMA = "ernie-conformance/counterexample/v2"
 ENV_DIR = "ERNIE_CONFORMANCE_COUNTEREXAMPLES"
 DEFAULT_DIR = "counterexamples"
 
@@ -54,12 +56,15 @@ class Counterexample:
     inputs: dict[str, int]
     layout: dict[str, int]
     corruption: dict[str, str] | None = None
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # relative to this file's directory once saved
     dtype: str = "float32"
+    kind: str = ""  # properties.FAILURE_KINDS
+    facts: dict[str, Any] = field(default_factory=dict)
     message: str = ""
     evidence: dict[str, Any] = field(default_factory=dict)
     test: str = ""
     schema: str = SCHEMA
+    _directory: Path | None = field(default=None, repr=False, compare=False)  # where it was loaded from
 
     @classmethod
     def from_failure(cls, failure: PropertyFailure, bridge: str, bridge_version: str, test: str = "") -> Counterexample:
@@ -75,19 +80,28 @@ class Counterexample:
             corruption=asdict(case.corruption) if case.corruption else None,
             checkpoint=case.checkpoint,
             dtype=case.dtype,
+            kind=failure.kind,
+            facts=_finite(failure.facts),
             message=str(failure).split("\n  reproduce with:")[0],
             evidence=_finite(failure.evidence),
             test=test,
         )
 
+    def checkpoint_path(self) -> Path | None:
+        """The user checkpoint, resolved against the directory this file was loaded from."""
+        if self.checkpoint is None:
+            return None
+        return (self._directory or Path.cwd()) / self.checkpoint
+
     def case(self) -> Case:
+        checkpoint = self.checkpoint_path()
         return Case(
             config=ErnieMoeConfig.from_hf(self.config),
             weights_seed=self.weights_seed,
             inputs=Inputs(**self.inputs),
             layout=Layout(**self.layout),
             corruption=Corruption(**self.corruption) if self.corruption else None,
-            checkpoint=self.checkpoint,
+            checkpoint=str(checkpoint) if checkpoint is not None else None,
             dtype=self.dtype,
         )
 
@@ -99,9 +113,16 @@ class Counterexample:
         return f"{safe}-{self.property}-{key}.json"
 
     def save(self, directory: Path) -> Path:
+        """Write into `directory`; an absolute checkpoint path becomes relative to it, in the
+        message too."""
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / self.file_name()
-        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        data = {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+        if self.checkpoint is not None and Path(self.checkpoint).is_absolute():
+            rel = Path(os.path.relpath(self.checkpoint, directory.resolve())).as_posix()
+            data["checkpoint"] = rel
+            data["message"] = self.message.replace(self.checkpoint, rel)
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         return path
 
     @classmethod
@@ -109,8 +130,8 @@ class Counterexample:
         data = json.loads(Path(path).read_text())
         if data.get("schema") != SCHEMA:
             raise ValueError(f"{path}: schema {data.get('schema')!r}, expected {SCHEMA!r}")
-        return cls(**data)
+        return cls(**data, _directory=Path(path).resolve().parent)
 
 
-def replay_command(path: Path) -> str:
+def replay_command(path: str | Path) -> str:
     return f"ernie-conformance replay {path}"

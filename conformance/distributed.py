@@ -23,7 +23,10 @@ from typing import Any
 
 import torch
 
+from .bridge import BridgeError, bridge_call
+
 __all__ = [
+    "bridge_failure",
     "INIT_SEEDS",
     "PeerLoadFailed",
     "launcher_world",
@@ -105,20 +108,25 @@ def named_state(chunks: list[torch.nn.Module], prefix: str = "") -> dict[str, to
 
 def rank_task(action: str, bridge: Any, case: Any, hf_dir: Path, out_dir: Path | None, init_seed: int) -> Any:
     """On this rank: set up the layout, load, then `action`:
-    "state" -> this rank's named tensors; "export" -> export into out_dir; "trace" -> the forward
-    record; "refuse" -> the error load raised, or None if it accepted the checkpoint."""
+    "load" -> None; "state" -> this rank's named tensors; "checkpoint_values" -> how this rank's
+    tensors differ from the checkpoint's values (`loaded_values.compare_with_checkpoint`);
+    "export" -> export into out_dir; "trace" -> the forward record; "refuse" -> the error load
+    raised, or None if it accepted the checkpoint.
+
+    The bridge's own calls (load, export, its model's forward) raise `BridgeError`; anything else
+    raised here is an error of the suite."""
     from .megatron_runtime import init_model_parallel
     from .megatron_trace import record_forward
 
     layout = case.layout
     init_model_parallel(layout.tp, layout.pp, layout.ep, layout.vpp if layout.vpp > 1 else None, seed=init_seed)
     torch.manual_seed(init_seed)
-    load_error: Exception | None = None
+    load_error: BridgeError | None = None
     try:
-        chunks = bridge.load(hf_dir, layout)
-    except Exception as e:  # noqa: BLE001 - for "refuse", any exception is the expected answer
-        if action == "refuse":
-            return f"{type(e).__name__}: {e}"
+        chunks = bridge_call("load", bridge.load, hf_dir, layout)
+    except BridgeError as e:
+        if action == "refuse":  # any exception is the expected answer
+            return f"{e.exception}: {e.message}"
         load_error = e
     if action == "refuse":
         return None  # no collective follows: each rank's answer stands on its own
@@ -127,11 +135,17 @@ def rank_task(action: str, bridge: Any, case: Any, hf_dir: Path, out_dir: Path |
         raise load_error
     if failed_ranks:
         return PeerLoadFailed(tuple(failed_ranks))
+    if action == "load":
+        return None
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     if action == "state":
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         return named_state(chunks, prefix=f"rank{rank}." if layout.world_size > 1 else "")
+    if action == "checkpoint_values":
+        from .loaded_values import compare_with_checkpoint
+
+        return compare_with_checkpoint(chunks, hf_dir, prefix=f"rank{rank}." if layout.world_size > 1 else "")
     if action == "export":
-        bridge.export(chunks, out_dir)
+        bridge_call("export", bridge.export, chunks, out_dir)
         return None
     if action == "trace":
         return record_forward(chunks, case.inputs.input_ids(case.config.vocab_size))
@@ -143,6 +157,8 @@ def run_on_ranks(action: str, bridge: Any, case: Any, hf_dir: Path, out_dir: Pat
     """`rank_task` on every rank of the case's layout; results in rank order.
 
     A one-rank layout runs in this process, unless the pool is a launched world (see `set_pool`).
+    Raises `BridgeError` when the bridge raised on some ranks (or some ranks hung inside the
+    bridge, the others waiting for them); any other failure of a rank is the suite's.
     """
     if case.layout.world_size == 1 and not _POOL_IS_LAUNCHED_WORLD:
         return [rank_task(action, bridge, case, hf_dir, out_dir, init_seed)]
@@ -150,4 +166,34 @@ def run_on_ranks(action: str, bridge: Any, case: Any, hf_dir: Path, out_dir: Pat
         raise RuntimeError(f"layout {case.layout} needs {case.layout.world_size} ranks and no rank pool is running")
     if case.layout.world_size > _POOL.world_size or _POOL.world_size % case.layout.world_size:
         raise RuntimeError(f"layout {case.layout} does not fit a pool of {_POOL.world_size} ranks")
-    return _POOL.run(rank_task, action, bridge, case, hf_dir, out_dir, init_seed)
+    from .rank_pool import RankFailure
+
+    try:
+        return _POOL.run(rank_task, action, bridge, case, hf_dir, out_dir, init_seed)
+    except RankFailure as failure:
+        blamed = bridge_failure(failure)
+        if blamed is None:
+            raise
+        raise blamed from failure
+
+
+def bridge_failure(failure: Any) -> BridgeError | None:
+    """The `BridgeError` that a pool failure amounts to, or None when it is not the bridge's.
+
+    It is the bridge's when every rank that raised raised a `BridgeError`, or, when ranks hung,
+    every stuck rank's stack was inside a bridge call (`bridge_call`): a rank that hangs in the
+    bridge's collectives leaves the others waiting, and that is a defect of the bridge.
+    """
+    raised = {rank: failure.exceptions.get(rank) for rank in failure.tracebacks}
+    if raised:
+        if not all(isinstance(e, BridgeError) for e in raised.values()):
+            return None
+        first = raised[min(raised)]
+        return first.on_ranks(tuple(sorted(raised)))
+    missing = list(getattr(failure, "missing", []))
+    stacks = {rank: failure.stacks.get(rank, "") for rank in missing}
+    if not missing or not all("bridge_call" in stack for stack in stacks.values()):
+        return None
+    first = min(missing)
+    return BridgeError("load, export or forward (hung)", "RankTimeout", str(failure).splitlines()[0],
+                       stacks[first], tuple(missing))

@@ -60,7 +60,7 @@ def suite_command(bridge: str, props: tuple[str, ...], results: Path, counterexa
     """The pytest command line that runs `props` of the suite against `bridge`."""
     return [
         sys.executable, "-m", "pytest", "--pyargs", "conformance.suite", "--bridge", bridge,
-        "-k", " or ".join(f"test_{p}" for p in props), f"--hypothesis-profile={profile}",
+        "-k", " or ".join(f"test_{p}" for p in props), f"--hypothesis-profile=ernie-{profile}",
         "--results-json", str(results), "--counterexamples", str(counterexamples),
         "-p", "no:cacheprovider", "-p", "no:randomly", "-q", "-W", "ignore", *([] if shrink else ["--no-shrink"]), *extra,
     ]
@@ -79,22 +79,18 @@ def run_mutant(name: str, props: tuple[str, ...] = PROPERTIES, profile: str = "c
         kills = {}
         for r in json.loads(results.read_text())["results"]:
             prop = r["test"].rsplit("::test_", 1)[-1]
+            if prop not in PROPERTIES:
+                continue  # the published-structure checks are not properties
             first = r.get("first_failure")
-            killed = r["outcome"] == "failed"
+            killed = r["verdict"] == "fail"
             kills[prop] = Kill(
                 prop=prop, killed=killed,
                 examples=first["example"] if killed and first else r["examples"],
                 seconds=first["seconds"] if killed and first else r["duration_s"],
                 total_seconds=r["duration_s"],
-                message=_failure_line(r["message"]) if killed else "",
+                message=(r["record"].get("failure") or {}).get("message", "").splitlines()[0][:300] if killed else "",
             )
         return MutantRun(name, kills)
-
-
-def _failure_line(longrepr: str) -> str:
-    """The property's own message (its first line, `[prop] ...`) out of pytest's failure report."""
-    lines = [line[1:].strip() for line in longrepr.splitlines() if line.startswith("E ")]
-    return next((line for line in lines if line.startswith("[")), lines[0] if lines else "")[:300]
 
 
 def kill_matrix(names: list[str] | None = None, jobs: int = 1, profile: str = "ci",
@@ -125,7 +121,7 @@ def _cell(kill: Kill | None) -> str:
 
 def render_markdown(runs: list[MutantRun], profile: str, wall_s: float) -> str:
     """The kill matrix as a markdown document."""
-    from .plugin import _package_version
+    from .versions import package_version
 
     times = [k.seconds for run in runs if (k := run.fastest()) is not None]
     survivors = [run.mutant for run in runs if not run.killed]
@@ -138,8 +134,8 @@ def render_markdown(runs: list[MutantRun], profile: str, wall_s: float) -> str:
         "examples a property ran without failing (drawn examples, including those set aside for a",
         "routing near-tie). Regenerate with `ernie-conformance kill-matrix`.",
         "",
-        f"Measured {time.strftime('%Y-%m-%d')} with ernie-conformance {_package_version('ernie-conformance')}, "
-        f"megatron-core {_package_version('megatron-core')}, transformers {_package_version('transformers')}, "
+        f"Measured {time.strftime('%Y-%m-%d')} with ernie-conformance {package_version('ernie-conformance')}, "
+        f"megatron-core {package_version('megatron-core')}, transformers {package_version('transformers')}, "
         f"torch {version('torch')}, on {os.cpu_count()} CPU cores; {wall_s / 60:.1f} minutes in all.",
         "",
         f"**{len(runs) - len(survivors)} of {len(runs)} killed**"

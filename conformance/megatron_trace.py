@@ -17,6 +17,7 @@ import torch
 
 from ernie_ref import LayerTrace, RoutingTrace, Trace
 
+from .bridge import bridge_call
 from .megatron_runtime import causal_mask
 
 __all__ = ["record_forward", "merge_traces", "megatron_trace"]
@@ -110,7 +111,7 @@ def record_forward(chunks: list[torch.nn.Module], input_ids: torch.Tensor) -> di
         if final_norm is not None:
             hooks.append(final_norm.register_forward_hook(keep(raw, "final_norm")))
     try:
-        logits = _forward(chunks, input_ids)
+        logits = bridge_call("forward", _forward, chunks, input_ids)
     finally:
         for h in hooks:
             h.remove()

@@ -1,7 +1,12 @@
 """pytest plugin of the conformance suite: options, Hypothesis profiles, fixtures, report header.
 
 Loaded in every pytest session of an environment where ernie-conformance is installed
-(entry point `pytest11`), so `pytest --pyargs conformance --bridge NAME` works anywhere.
+(entry point `pytest11`), so `pytest --pyargs conformance --bridge NAME` works anywhere. It
+changes nothing in a session that does not run the suite: only when `--bridge` is given or the
+suite's modules (`conformance.suite`) are collected does it hide GPUs, apply its warning filters
+(to the suite's tests alone) and record results. Its Hypothesis profiles have names of their own
+(`ernie-dev`, `ernie-ci`, `ernie-thorough`) and are applied to the suite's tests alone, so a
+project's own `ci` profile stays as it is.
 """
 
 from __future__ import annotations
@@ -9,84 +14,74 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-from collections import Counter
-from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
 
+from .recorder import RECORDER, SessionRecord, verdict_of
+from .session import SuiteSession
+from .versions import package_version
+
 # Profiles: dev explores (random, small), ci is reproducible (derandomized), thorough digs.
 # No deadline anywhere: one example builds models, and a slow machine is not a failure.
+# filter_too_much is not suppressed: a bridge that declares most draws unsupported makes
+# Hypothesis give up, and the certificate calls the property inconclusive, saying why.
 _COMMON = dict(
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
-    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=False,  # a counterexample file and its replay command say how to reproduce
 )
-settings.register_profile("dev", max_examples=30, **_COMMON)
-settings.register_profile("ci", max_examples=100, derandomize=True, database=None, **_COMMON)
-settings.register_profile("thorough", max_examples=500, **_COMMON)
+PROFILES = {"ernie-dev": 30, "ernie-ci": 100, "ernie-thorough": 500}
+settings.register_profile("ernie-dev", max_examples=PROFILES["ernie-dev"], **_COMMON)
+settings.register_profile("ernie-ci", max_examples=PROFILES["ernie-ci"], derandomize=True, database=None, **_COMMON)
+settings.register_profile("ernie-thorough", max_examples=PROFILES["ernie-thorough"], **_COMMON)
+# Examples run after a test's first failure (shrinking it), at most; see suite.drawing.check.
+MAX_SHRINKS = {"ernie-dev": 100, "ernie-ci": 100, "ernie-thorough": 400}
 
 DEFAULT_BRIDGE = "reference"
 # --dtype -> the dtypes drawn, fp32 first so that a failure shrinks towards full precision.
 DTYPE_OPTIONS = {"fp32": ["float32"], "bf16": ["bfloat16"], "any": ["float32", "bfloat16"]}
 ENV_HYPOTHESIS_DB = "ERNIE_CONFORMANCE_HYPOTHESIS_DB"
+SUITE_PACKAGE = "conformance.suite"
+SUITE_DIR = Path(__file__).parent / "suite"
 
-# Per-test tallies in this process (an xdist worker, or the only process). They travel to the
-# controlling process in each report's user_properties, where `_SESSION` sums them up.
-_CURRENT_TEST = ""
-_EXAMPLES: Counter[str] = Counter()
-_REFUSALS: dict[str, Counter[str]] = {}
-_COUNTEREXAMPLES: dict[str, str] = {}
-# The first failing example of each test, before any shrinking: (examples drawn, seconds since
-# the test started). The kill matrix reads it as "examples and time to kill".
-_FIRST_FAILURE: dict[str, tuple[int, float]] = {}
-_TEST_STARTED = {"at": 0.0}
+_SESSION = SessionRecord()  # the controlling process's results, one per test of the suite
+_STATE: dict[str, Any] = {"settings": None, "profile": "", "max_shrinks": 100, "suite": False, "worker": False,
+                          "progress": None, "total": 0}
 
 
-@dataclass
-class _SessionTotals:
-    refusals: Counter[str] = field(default_factory=Counter)
-    results: list[dict[str, Any]] = field(default_factory=list)
-
-
-_SESSION = _SessionTotals()
-
-
-def current_test() -> str:
-    return _CURRENT_TEST
-
-
-def count_example() -> None:
-    _EXAMPLES[_CURRENT_TEST] += 1
-
-
-def count_refusal(reason: str) -> None:
-    _REFUSALS.setdefault(_CURRENT_TEST, Counter())[reason] += 1
-
-
-def note_failure() -> None:
-    """Called on every failing example; keeps the first one of the current test."""
-    _FIRST_FAILURE.setdefault(_CURRENT_TEST, (_EXAMPLES[_CURRENT_TEST], time.perf_counter() - _TEST_STARTED["at"]))
-
-
-def note_counterexample(path: Path) -> None:
-    _COUNTEREXAMPLES[_CURRENT_TEST] = str(path)
+class Inconclusive(AssertionError):
+    """A property held on fewer valid examples than the profile asks for: no verdict was earned."""
 
 
 def default_profile() -> str:
-    return "ci" if os.environ.get("CI") else "dev"
+    return "ernie-ci" if os.environ.get("CI") else "ernie-dev"
+
+
+def suite_settings() -> settings:
+    """The settings of the suite's tests: the chosen profile with the command line's overrides.
+    The suite's test modules apply them to each test, so no global profile is loaded."""
+    if _STATE["settings"] is None:  # the plugin did not configure (imported outside pytest)
+        return settings.get_profile(default_profile())
+    return _STATE["settings"]
+
+
+def max_shrinks() -> int:
+    return _STATE["max_shrinks"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("ernie-conformance")
-    group.addoption("--bridge", default=DEFAULT_BRIDGE,
-                    help="bridge under test: a registered name or package.module:attribute (default: reference)")
+    group.addoption("--bridge", default=None,
+                    help="bridge under test: a registered name or package.module:attribute (default: reference); "
+                         "giving it makes the session run the suite")
     group.addoption("--max-examples", type=int, default=None,
                     help="Hypothesis examples per property (overrides the profile's count)")
+    group.addoption("--max-shrinks", type=int, default=None,
+                    help="examples run to shrink a test's first failure, at most (default: the profile's, "
+                         + ", ".join(f"{p} {n}" for p, n in MAX_SHRINKS.items()) + ")")
     group.addoption("--xfails-file", default=None,
                     help="file of test ids expected to fail, one per line (# comments); an unexpected pass fails")
     group.addoption("--counterexamples", default=None,
@@ -109,14 +104,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--dtype", default="any", choices=sorted(DTYPE_OPTIONS),
                     help="dtype of the drawn checkpoints: fp32, bf16 (the router stays fp32, as in the published "
                          "checkpoints), or any (both; default)")
-    group.addoption("--results-json", default=None, help="write each test's outcome, examples and counterexample here")
+    group.addoption("--results-json", default=None, help="write each test's outcome, record and counterexample here")
     group.addoption("--no-shrink", action="store_true",
                     help="report the first failing example as found, without shrinking it (faster, larger)")
     group.addoption("--progress", default=None, help="append a line per finished test to this file (for certify)")
 
 
 # Warnings that megatron-core raises about itself on every import or build (deprecations, no
-# Apex or Transformer Engine): noise in a report about a bridge.
+# Apex or Transformer Engine): noise in a report about a bridge. Applied to the suite's tests only.
 _IGNORED_WARNINGS = (
     "ignore::DeprecationWarning:megatron",
     "ignore::FutureWarning:megatron",
@@ -125,38 +120,59 @@ _IGNORED_WARNINGS = (
 )
 
 
-@pytest.hookimpl(trylast=True)  # after Hypothesis' plugin has loaded --hypothesis-profile
-def pytest_configure(config: pytest.Config) -> None:
+def _names_the_suite(config: pytest.Config) -> bool:
+    """Whether the command line asks for the suite: --bridge, or an argument naming its package
+    (`--pyargs conformance`, `conformance.suite...`) or a path inside it."""
+    if config.getoption("bridge", None) is not None:
+        return True
+    for arg in config.args:
+        target = arg.split("::")[0]
+        if config.getoption("pyargs", False) and (target == "conformance" or target.startswith(SUITE_PACKAGE)):
+            return True
+        path = Path(target).resolve()
+        if path == SUITE_DIR or SUITE_DIR in path.parents or (path == SUITE_DIR.parent):
+            return True
+    return False
+
+
+def _enter_suite_mode(config: pytest.Config) -> None:
+    """What only a session that runs the suite gets: GPUs hidden (for --device cpu), a launcher's
+    world checked against the layouts."""
+    if _STATE["suite"]:
+        return
+    _STATE["suite"] = True
     _select_device(config.getoption("device", "cpu"))
-    _PROGRESS["path"] = config.getoption("progress", None)
-    _PROGRESS["worker"] = hasattr(config, "workerinput")
-    for line in _IGNORED_WARNINGS:
-        config.addinivalue_line("filterwarnings", line)
-    profile = config.getoption("hypothesis_profile", None) or default_profile()
-    max_examples = config.getoption("max_examples")
-    db = config.getoption("hypothesis_db") or os.environ.get(ENV_HYPOTHESIS_DB)
-    no_shrink = config.getoption("no_shrink", False)
-    if max_examples is not None or db or no_shrink:
-        from hypothesis.database import DirectoryBasedExampleDatabase
-
-        overrides: dict[str, Any] = {}
-        if max_examples is not None:
-            overrides["max_examples"] = max_examples
-        if db:
-            overrides["database"] = DirectoryBasedExampleDatabase(db)
-        if no_shrink:
-            from hypothesis import Phase
-
-            overrides["phases"] = [p for p in Phase if p != Phase.shrink]
-        name = (profile + (f"-n{max_examples}" if max_examples is not None else "") + ("-db" if db else "")
-                + ("-noshrink" if no_shrink else ""))
-        settings.register_profile(name, settings.get_profile(profile), **overrides)
-        profile = name
-    settings.load_profile(profile)
     world = _launcher_world()
     if world is not None:
         check_layouts_fit_world(parse_layouts(config.getoption("layouts"), config.getoption("max_ranks")),
                                 world.world_size, config.getoption("layouts"), config.getoption("max_ranks"))
+
+
+@pytest.hookimpl(trylast=True)  # after Hypothesis' plugin has read --hypothesis-profile
+def pytest_configure(config: pytest.Config) -> None:
+    _STATE["worker"] = hasattr(config, "workerinput")
+    _STATE["progress"] = config.getoption("progress", None)
+    profile = config.getoption("hypothesis_profile", None) or default_profile()
+    overrides: dict[str, Any] = {}
+    if (max_examples := config.getoption("max_examples", None)) is not None:
+        overrides["max_examples"] = max_examples
+    if db := (config.getoption("hypothesis_db", None) or os.environ.get(ENV_HYPOTHESIS_DB)):
+        from hypothesis.database import DirectoryBasedExampleDatabase
+
+        overrides["database"] = DirectoryBasedExampleDatabase(db)
+    if config.getoption("no_shrink", False):
+        from hypothesis import Phase
+
+        overrides["phases"] = [p for p in Phase if p not in (Phase.shrink, Phase.explain)]
+    try:
+        base = settings.get_profile(profile)
+    except Exception as e:  # noqa: BLE001 - Hypothesis' own error names the profile
+        raise pytest.UsageError(f"--hypothesis-profile {profile}: {e}") from e
+    _STATE["settings"] = settings(base, **overrides)
+    _STATE["profile"] = profile + "".join(f" {k}={v}" for k, v in overrides.items() if k == "max_examples")
+    _STATE["max_shrinks"] = config.getoption("max_shrinks", None) or MAX_SHRINKS.get(profile, 100)
+    if _names_the_suite(config):
+        _enter_suite_mode(config)
 
 
 def _select_device(device: str) -> None:
@@ -172,36 +188,34 @@ def _select_device(device: str) -> None:
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def _package_version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
+def _is_suite_item(item: pytest.Item) -> bool:
+    module = getattr(item, "module", None)
+    return module is not None and module.__name__.startswith(SUITE_PACKAGE)
 
 
-def _in_suite(config: pytest.Config) -> bool:
-    """Whether this session collects the suite's own modules (the header is noise otherwise)."""
-    suite = str(Path(__file__).parent / "suite")
-    args = [str(Path(a.split("::")[0]).resolve()) for a in config.args]
-    return any(a.startswith(suite) or suite.startswith(a) for a in args) or bool(config.getoption("pyargs"))
+def _property_of(item: pytest.Item) -> str | None:
+    from .properties import PROPERTIES
+
+    name = item.name.split("[")[0].removeprefix("test_")
+    return name if name in PROPERTIES else None
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    if not _in_suite(config):
+    if not _names_the_suite(config):
         return []
     from .bridge import BridgeNotFound, resolve_bridge
 
     try:
-        bridge = resolve_bridge(config.getoption("bridge"))
+        bridge = resolve_bridge(config.getoption("bridge") or DEFAULT_BRIDGE)
     except BridgeNotFound as e:
         raise pytest.UsageError(str(e)) from e
     layouts = parse_layouts(config.getoption("layouts"), config.getoption("max_ranks"))
     deviations = list(getattr(bridge, "deviations", lambda: [])())
     return [
-        f"ernie-conformance {_package_version('ernie-conformance')}: bridge {bridge.name} {bridge.version()}",
-        f"megatron-core {_package_version('megatron-core')}, transformers {_package_version('transformers')}, "
-        f"torch {_package_version('torch')}; hypothesis profile {settings.get_current_profile_name()} "
-        f"({settings.default.max_examples} examples)",
+        f"ernie-conformance {package_version('ernie-conformance')}: bridge {bridge.name} {bridge.version()}",
+        f"megatron-core {package_version('megatron-core')}, transformers {package_version('transformers')}, "
+        f"torch {package_version('torch')}; hypothesis profile {_STATE['profile']} "
+        f"({suite_settings().max_examples} examples, at most {max_shrinks()} to shrink a failure)",
         f"layouts: {len(layouts)} ({', '.join(map(str, layouts[:6]))}{', ...' if len(layouts) > 6 else ''}), "
         f"up to {max(layout.world_size for layout in layouts)} ranks; dtypes: "
         f"{', '.join(DTYPE_OPTIONS[config.getoption('dtype')])}; device {config.getoption('device')}",
@@ -216,90 +230,140 @@ def _read_xfails(path: str) -> list[str]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    suite_items = [item for item in items if _is_suite_item(item)]
+    if not suite_items:
+        return
+    _enter_suite_mode(config)
+    for item in suite_items:
+        for line in _IGNORED_WARNINGS:
+            item.add_marker(pytest.mark.filterwarnings(line))
     path = config.getoption("xfails_file")
     if not path:
         return
     for expected in _read_xfails(path):
-        for item in items:
+        for item in suite_items:
             if item.nodeid == expected or item.nodeid.endswith("/" + expected) or item.name == expected:
                 item.add_marker(pytest.mark.xfail(strict=True, reason=f"listed in {path}"))
 
 
-@pytest.hookimpl(hookwrapper=True)
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item):
-    global _CURRENT_TEST
-    _CURRENT_TEST = item.nodeid
-    _TEST_STARTED["at"] = time.perf_counter()
-    yield
-    _CURRENT_TEST = ""
+    """Record the suite's tests; a property that held on too few valid examples is inconclusive."""
+    if not _is_suite_item(item):
+        return (yield)
+    RECORDER.start(item.nodeid)
+    try:
+        result = yield
+    finally:
+        RECORDER.stop()
+    tally, required = RECORDER.tallies[item.nodeid], suite_settings().max_examples
+    if _property_of(item) is not None and tally.valid < required:
+        raise Inconclusive(
+            f"inconclusive: the property held on {tally.valid} valid examples, fewer than the {required} the profile "
+            f"asks for: of {tally.draws} draws, {sum(tally.refusals.values())} were declared unsupported by the bridge"
+            + "".join(f" ({n}: {reason})" for reason, n in tally.refusals.most_common())
+            + f" and {tally.ties} set aside as routing ties")
+    return result
 
 
-@pytest.hookimpl(hookwrapper=True)
+def _status(excinfo: pytest.ExceptionInfo | None) -> tuple[str, str]:
+    """(status, why) of a suite test from what it raised: see recorder.verdict_of."""
+    from hypothesis.errors import FailedHealthCheck
+
+    from .properties import PropertyFailure, StructureRefused
+
+    if excinfo is None:
+        return "passed", ""
+    error = excinfo.value
+    if isinstance(error, Inconclusive):
+        return "inconclusive", str(error)
+    if isinstance(error, FailedHealthCheck):
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return "inconclusive", f"Hypothesis gave up on the draws (health check): {first}"
+    errors = list(error.exceptions) if isinstance(error, BaseExceptionGroup) else [error]
+    if isinstance(error, StructureRefused):
+        return "failed", error.reason
+    if all(isinstance(e, (PropertyFailure, StructureRefused)) for e in errors):
+        return "failed", ""
+    odd = next(e for e in errors if not isinstance(e, (PropertyFailure, StructureRefused)))
+    return "suite error", f"an error of the suite, not a verdict on the bridge: {type(odd).__name__}: {odd}"
+
+
+@pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call):
-    outcome = yield
-    report = outcome.get_result()
-    if report.when == "call" and (item.nodeid in _EXAMPLES or item.nodeid in _REFUSALS):
-        report.user_properties.append(("examples", _EXAMPLES.pop(item.nodeid, 0)))
-        report.user_properties.append(("refusals", dict(_REFUSALS.pop(item.nodeid, {}))))
-        if item.nodeid in _COUNTEREXAMPLES:
-            report.user_properties.append(("counterexample", _COUNTEREXAMPLES.pop(item.nodeid)))
-        if item.nodeid in _FIRST_FAILURE:
-            example, seconds = _FIRST_FAILURE.pop(item.nodeid)
-            report.user_properties.append(("first_failure", {"example": example, "seconds": round(seconds, 3)}))
+    report = yield
+    if report.when == "call" and _is_suite_item(item):
+        status, why = _status(call.excinfo)
+        tally = RECORDER.pop(item.nodeid)
+        report.user_properties.append(("status", status))
+        report.user_properties.append(("why", why))
+        if tally is not None:
+            report.user_properties.append(("record", tally.to_json()))
+    return report
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    """In the controlling process (with or without xdist): sum up what each test reported."""
-    if _PROGRESS["worker"]:
+    """In the controlling process (with or without xdist): keep what each test of the suite reported."""
+    if _STATE["worker"]:
         return
     props = dict(report.user_properties)
-    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-        _SESSION.refusals.update(props.get("refusals", {}))
+    if report.when == "call" and "status" in props:
         outcome = report.outcome
         if hasattr(report, "wasxfail"):
             outcome = "xpassed" if report.passed else "xfailed"
+        record = props.get("record") or {}
         _SESSION.results.append({
             "test": report.nodeid,
             "outcome": outcome,
+            "status": props["status"],
+            "verdict": verdict_of(outcome, props["status"]),
+            "why": props["why"],
             "duration_s": round(report.duration, 3),
-            "examples": props.get("examples", 0),
-            "counterexample": props.get("counterexample"),
-            "first_failure": props.get("first_failure"),
-            "message": report.longreprtext if report.failed else "",
+            "examples": record.get("valid", 0),
+            "record": record,
+            "counterexample": record.get("counterexample"),
+            "first_failure": record.get("first_failure"),
+            "message": report.longreprtext if report.failed or outcome == "xfailed" else "",
         })
         _write_progress(_SESSION.results[-1])
 
 
-_PROGRESS: dict[str, Any] = {"path": None, "total": 0, "worker": False}
-
-
 def pytest_collection_finish(session: pytest.Session) -> None:
-    _PROGRESS["total"] = _PROGRESS["total"] or len(session.items)
+    _STATE["total"] = _STATE["total"] or sum(_is_suite_item(item) for item in session.items)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_node_collection_finished(node, ids) -> None:
-    _PROGRESS["total"] = len(ids)
+    _STATE["total"] = len(ids)
 
 
 def _write_progress(result: dict[str, Any]) -> None:
-    if not _PROGRESS["path"]:
+    if not _STATE["progress"]:
         return
     done = len(_SESSION.results)
     examples = sum(r["examples"] for r in _SESSION.results)
-    failures = sum(r["outcome"] == "failed" for r in _SESSION.results)
+    failures = sum(r["verdict"] == "fail" for r in _SESSION.results)
     name = result["test"].rsplit("::", 1)[-1]
-    line = (f"[{done}/{_PROGRESS['total'] or '?'}] {name}: {result['outcome']}, {result['examples']} examples "
+    line = (f"[{done}/{_STATE['total'] or '?'}] {name}: {result['verdict']}, {result['examples']} valid examples "
             f"in {result['duration_s']:.1f}s (so far: {examples} examples, {failures} failures)")
-    with open(_PROGRESS["path"], "a") as f:
+    with open(_STATE["progress"], "a") as f:
         f.write(line + "\n")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    if _SESSION.refusals:
-        terminalreporter.section("declared unsupported by the bridge (not failures)")
-        for reason, count in _SESSION.refusals.most_common():
-            terminalreporter.write_line(f"{count:5d} drawn configs: {reason}")
+    if not _SESSION.results:
+        return
+    draws = sum(r["record"].get("draws", 0) for r in _SESSION.results)
+    refusals = _SESSION.refusals()
+    if refusals:
+        terminalreporter.section("declared unsupported by the bridge (not failures; not valid examples either)")
+        for reason, count in refusals.most_common():
+            terminalreporter.write_line(f"{count:5d} of {draws} drawn configs ({count / max(draws, 1):.0%}): {reason}")
+    unearned = [r for r in _SESSION.results if r["verdict"] in ("inconclusive", "error")]
+    if unearned:
+        terminalreporter.section("no verdict earned")
+        for r in unearned:
+            terminalreporter.write_line(f"{r['test']}: {r['verdict']}: {r['why']}")
     counterexamples = [r["counterexample"] for r in _SESSION.results if r["counterexample"]]
     if counterexamples:
         terminalreporter.section("counterexamples (replay with: ernie-conformance replay FILE)")
@@ -309,28 +373,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     path = session.config.getoption("results_json", None)
-    if path and not hasattr(session.config, "workerinput"):  # the controlling process only
-        Path(path).write_text(json.dumps({"refusals": dict(_SESSION.refusals), "results": _SESSION.results}, indent=2))
-
-
-@dataclass
-class SuiteSession:
-    """What every test of the suite needs: the bridge under test and where things go."""
-
-    bridge: Any
-    bridge_spec: str
-    bridge_version: str
-    counterexamples: Path
-    layouts: list
-    checkpoint: Path | None
-    dtypes: list[str]  # drawn checkpoints' dtypes; a user's checkpoint has its own
+    if path and not _STATE["worker"]:  # the controlling process only
+        Path(path).write_text(json.dumps({
+            "profile": _STATE["profile"], "required_examples": suite_settings().max_examples,
+            "max_shrinks": max_shrinks(), "refusals": dict(_SESSION.refusals()), "results": _SESSION.results,
+        }, indent=2))
 
 
 @pytest.fixture(scope="session")
 def bridge(pytestconfig: pytest.Config):
     from .bridge import resolve_bridge
 
-    return resolve_bridge(pytestconfig.getoption("bridge"))
+    return resolve_bridge(pytestconfig.getoption("bridge") or DEFAULT_BRIDGE)
 
 
 @pytest.fixture(scope="session")
@@ -452,10 +506,11 @@ def suite(pytestconfig: pytest.Config, bridge, megatron_runtime, rank_pool) -> S
             raise pytest.UsageError(f"--checkpoint {checkpoint}: {e}") from e
     return SuiteSession(
         bridge=bridge,
-        bridge_spec=pytestconfig.getoption("bridge"),
+        bridge_spec=pytestconfig.getoption("bridge") or DEFAULT_BRIDGE,
         bridge_version=bridge.version(),
         counterexamples=counterexample_dir(pytestconfig.getoption("counterexamples")).resolve(),
         layouts=layouts,
         checkpoint=Path(checkpoint).resolve() if checkpoint else None,
         dtypes=dtypes,
+        max_shrinks=max_shrinks(),
     )

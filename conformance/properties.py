@@ -10,96 +10,109 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ernie_ref import ErnieMoeConfig, ErnieMoeForCausalLM, Trace, random_checkpoint
 from ernie_ref.checkpoint import CONFIG_NAME, TensorReader, iter_tensors, read_config, tensor_shapes
-from ernie_ref.layout import Layout
 
-from .bridge import Bridge
-from .hf_transformers import load_transformers_model, run_transformers
+from .bridge import Bridge, BridgeError
+from .cases import Case, Corruption
 from .distributed import INIT_SEEDS, run_on_ranks
+from .hf_transformers import load_transformers_model, run_transformers
 from .megatron_trace import merge_traces
-from .numerics import FP32_RTOL, Tolerance, relative_error, tolerance
-from .strategies import Inputs
+from .numerics import FP32_RTOL, Tolerance, min_routing_margin, relative_error, tolerance
 
 __all__ = [
-    "Case",
     "PropertyFailure",
     "NearTie",
+    "StructureRefused",
+    "check_published_structure",
     "PROPERTIES",
+    "FAILURE_KINDS",
     "prepare_checkpoint",
     "run_property",
     "stage_errors",
+    "stage_kind",
     "check_import",
     "check_round_trip",
     "check_equivalence",
     "check_interop",
     "check_refusal",
-    "Corruption",
     "corrupt_checkpoint",
     "diff_checkpoints",
 ]
 
-
-@dataclass(frozen=True)
-class Corruption:
-    """One way to break a checkpoint: `kind` in missing, extra, misshaped, config; `target` names it."""
-
-    kind: str
-    target: str
-    detail: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.kind} {self.target}" + (f" ({self.detail})" if self.detail else "")
-
-
-@dataclass(frozen=True)
-class Case:
-    """One drawn example: everything needed to rebuild it exactly.
-
-    `weights_seed` draws the weights of a random checkpoint; with `checkpoint` set instead, the
-    example runs on that directory (a user's own checkpoint) and `config` is read from it.
-    `corruption` is used by the refusal property only.
-    """
-
-    config: ErnieMoeConfig
-    weights_seed: int | None
-    inputs: Inputs
-    layout: Layout = Layout()
-    corruption: Corruption | None = None
-    checkpoint: str | None = None
-    dtype: str = "float32"  # of the drawn weights (the router stays fp32); a user's checkpoint has its own
-
-    def describe(self) -> str:
-        weights = (f"checkpoint {self.checkpoint}" if self.checkpoint
-                   else f"{self.dtype} weights seed {self.weights_seed}")
-        return (
-            f"config: {self.config.one_line()}\n"
-            f"  {weights}, layout {self.layout}, "
-            f"inputs batch {self.inputs.batch} x seq {self.inputs.seq_len} seed {self.inputs.seed}"
-            + (f", corruption: {self.corruption}" if self.corruption else "")
-        )
+# What a failure can be, for reports and for meta-tests that check a mutant died for its bug.
+# Each PropertyFailure has one `kind` and `facts` that say more (see PropertyFailure).
+FAILURE_KINDS = (
+    "bridge raised",             # load, export or the model's forward raised on a valid checkpoint
+    "not loaded",                # import: a tensor kept its initial value, or holds other values
+    "checkpoint differs",        # round_trip: the export is not the checkpoint
+    "divergence",                # equivalence: a stage of the forward differs from the oracle
+    "transformers cannot load",  # interop
+    "logits differ",             # interop
+    "accepted corruption",       # refusal
+)
 
 
 class PropertyFailure(AssertionError):
-    """A property does not hold for `case`. `evidence` carries what localises it (stage errors,
-    the checkpoint diff) for reports; `replay` is the command that reproduces it, once saved."""
+    """A property does not hold for `case`.
 
-    def __init__(self, prop: str, case: Case, detail: str, evidence: dict | None = None, replay: str | None = None):
-        self.prop, self.case, self.detail, self.evidence, self.replay = prop, case, detail, evidence or {}, replay
+    `kind` (one of FAILURE_KINDS) and `facts` say what failed in a form a program can check:
+    the bridge call and exception type, the first diverging stage, the tensors or fields that
+    differ, the corruption accepted. `evidence` carries what localises it for reports (stage
+    errors, the checkpoint diff, the bridge's traceback); `replay` is the command that
+    reproduces it, once saved."""
+
+    def __init__(self, prop: str, case: Case, detail: str, kind: str, facts: dict[str, Any] | None = None,
+                 evidence: dict | None = None, replay: str | None = None):
+        assert kind in FAILURE_KINDS, kind
+        self.prop, self.case, self.detail, self.kind = prop, case, detail, kind
+        self.facts, self.evidence, self.replay = dict(facts or {}), dict(evidence or {}), replay
         message = f"[{prop}] {detail}\n  {case.describe()}"
         if replay:
             message += f"\n  reproduce with: {replay}"
+        if "traceback" in self.evidence:
+            message += "\n  the bridge's traceback:\n" + _indent(self.evidence["traceback"])
         super().__init__(message)
 
     def with_replay(self, command: str) -> PropertyFailure:
-        return PropertyFailure(self.prop, self.case, self.detail, self.evidence, command)
+        return PropertyFailure(self.prop, self.case, self.detail, self.kind, self.facts, self.evidence, command)
+
+    def with_detail(self, detail: str) -> PropertyFailure:
+        return PropertyFailure(self.prop, self.case, detail, self.kind, self.facts, self.evidence, self.replay)
+
+
+def _indent(text: str, limit: int = 40) -> str:
+    lines = text.rstrip().splitlines()
+    if len(lines) > limit:
+        lines = [f"... ({len(lines) - limit} lines above)"] + lines[-limit:]
+    return "\n".join("    " + line for line in lines)
+
+
+class StructureRefused(AssertionError):
+    """The bridge declares a published ERNIE 4.5 structure unsupported (`structure`, `reason`)."""
+
+    def __init__(self, structure: str, reason: str, config_line: str):
+        self.structure, self.reason = structure, reason
+        super().__init__(f"[published] the bridge declares {structure} unsupported: {reason}\n  config: {config_line}")
+
+
+def check_published_structure(bridge: Bridge, structure: str) -> None:
+    """The bridge does not declare the published structure `structure` unsupported."""
+    from ernie_ref.published import published_config
+
+    cfg = published_config(structure)
+    reason = bridge.unsupported(cfg)
+    if reason is not None:
+        raise StructureRefused(structure, reason, cfg.one_line())
 
 
 class NearTie(Exception):
@@ -130,46 +143,76 @@ def prepare_checkpoint(case: Case, workdir: Path) -> Path:
     return hf
 
 
-def run_property(prop: str, bridge: Bridge, case: Case) -> None:
-    """Run one property on one case in a scratch directory; raises PropertyFailure or NearTie."""
+def run_property(prop: str, bridge: Bridge, case: Case) -> dict[str, Any]:
+    """Run one property on one case in a scratch directory.
+
+    Returns what the example observed beyond passing (the refusal property: whether the error
+    named the corruption). Raises PropertyFailure when the property does not hold, NearTie when
+    the example is a routing tie; any other exception is an error of the suite, not of the bridge.
+    """
     if prop not in PROPERTIES:
         raise ValueError(f"unknown property {prop!r}: expected one of {', '.join(PROPERTIES)}")
     with tempfile.TemporaryDirectory(prefix="ernie-conformance-") as root:
         workdir = Path(root)
         hf = prepare_checkpoint(case, workdir)
         try:
-            _run_checks(prop, bridge, case, hf, workdir / "export")
-        except (PropertyFailure, NearTie):
-            raise
-        except Exception as e:  # noqa: BLE001 - a bridge that raises on a valid checkpoint fails the property
-            last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-            raise PropertyFailure(prop, case, f"the bridge raised {type(e).__name__} on a valid checkpoint: {last}"
-                                  + (f"\n{e}" if "\n" in str(e) else "")) from e
+            return _run_checks(prop, bridge, case, hf, workdir / "export") or {}
+        except BridgeError as e:
+            failure = PropertyFailure(
+                prop, case, f"the bridge raised {e.exception} in {e.call}{_on_ranks(e.ranks)} on a valid checkpoint: "
+                            f"{_last_line(e.message)}",
+                kind="bridge raised", facts={"call": e.call, "exception": e.exception},
+                evidence={"traceback": e.traceback_text})
+            raise _without_scratch(failure, workdir) from e
+        except PropertyFailure as failure:
+            raise _without_scratch(failure, workdir) from failure.__cause__
 
 
-def _run_checks(prop: str, bridge: Bridge, case: Case, hf: Path, out: Path) -> None:
+def _on_ranks(ranks: tuple[int, ...]) -> str:
+    return f" on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}" if ranks else ""
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def _without_scratch(failure: PropertyFailure, workdir: Path) -> PropertyFailure:
+    """The failure with the example's scratch directory written as <scratch>: it is gone when the
+    example ends, and a saved counterexample must not name one machine's temporary paths."""
+    pattern = re.compile(re.escape(str(workdir)) + "|" + re.escape(str(workdir.resolve())))
+    detail = pattern.sub("<scratch>", failure.detail)
+    if "traceback" in failure.evidence:
+        failure.evidence["traceback"] = pattern.sub("<scratch>", failure.evidence["traceback"])
+    return failure.with_detail(detail)
+
+
+def _run_checks(prop: str, bridge: Bridge, case: Case, hf: Path, out: Path) -> dict[str, Any] | None:
     if prop == "import":
-        check_import(bridge, case, hf)
-    elif prop == "round_trip":
-        check_round_trip(bridge, case, hf, out)
-    elif prop == "equivalence":
-        check_equivalence(bridge, case, hf)
-    elif prop == "interop":
-        check_interop(bridge, case, hf, out)
-    elif case.corruption is None:
+        return check_import(bridge, case, hf)
+    if prop == "round_trip":
+        return check_round_trip(bridge, case, hf, out)
+    if prop == "equivalence":
+        return check_equivalence(bridge, case, hf)
+    if prop == "interop":
+        return check_interop(bridge, case, hf, out)
+    if case.corruption is None:
         raise ValueError("the refusal property needs a case with a corruption")
-    else:
-        check_refusal(bridge, case, hf, case.corruption)
+    return check_refusal(bridge, case, hf, case.corruption)
 
 
 # ---------------------------------------------------------------------------- 1. import
 def check_import(bridge: Bridge, case: Case, hf_dir: Path) -> None:
     """Every parameter and persistent buffer is set from the checkpoint.
 
-    Two loads under different init seeds must agree everywhere (what differs kept its random
-    init), and no tensor may be constant where the checkpoint has no constant tensor (what is
-    constant kept a constant init such as ones for norms or zeros for the expert bias).
+    Drawn weights: two loads under different init seeds must agree everywhere (what differs kept
+    its random init), and no tensor may be constant, since no tensor of a drawn checkpoint is (what
+    is constant kept a constant init such as ones for norms or zeros for the expert bias).
+    A user's checkpoint may hold constant tensors (a zero expert bias, unit norms): there each
+    loaded tensor is compared with the checkpoint's values instead (`loaded_values`).
     """
+    if case.checkpoint is not None:
+        return _check_import_against_checkpoint(bridge, case, hf_dir)
     first, second = ({k: v for part in run_on_ranks("state", bridge, case, hf_dir, init_seed=seed) for k, v in part.items()}
                      for seed in INIT_SEEDS)
     for name, a in first.items():
@@ -179,6 +222,7 @@ def check_import(bridge: Bridge, case: Case, hf_dir: Path) -> None:
                 "import", case,
                 f"{name} {list(a.shape)} differs between two loads under init seeds {INIT_SEEDS}: "
                 f"it was not set from the checkpoint (max diff {(a.float() - b.float()).abs().max().item() if b is not None and a.shape == b.shape else 'n/a'})",
+                kind="not loaded", facts={"tensor": name, "how": "differs between init seeds"},
             )
     for name, a in first.items():
         if a.numel() > 1 and a.is_floating_point() and torch.all(a == a.flatten()[0]):
@@ -186,7 +230,29 @@ def check_import(bridge: Bridge, case: Case, hf_dir: Path) -> None:
                 "import", case,
                 f"{name} {list(a.shape)} is constant ({a.flatten()[0].item():g} everywhere): it kept its "
                 "initial value, while every tensor of the checkpoint is random",
+                kind="not loaded", facts={"tensor": name, "how": "constant"},
             )
+
+
+def _check_import_against_checkpoint(bridge: Bridge, case: Case, hf_dir: Path) -> None:
+    reports = [run_on_ranks("checkpoint_values", bridge, case, hf_dir, init_seed=seed) for seed in INIT_SEEDS]
+    for report in reports[0]:
+        for name, what in report["mismatches"]:
+            raise PropertyFailure("import", case, f"{name}: {what}",
+                                  kind="not loaded", facts={"tensor": name, "how": "differs from the checkpoint"})
+    first = {k: v for report in reports[0] for k, v in report["unmapped"].items()}
+    second = {k: v for report in reports[1] for k, v in report["unmapped"].items()}
+    for name, digest in first.items():
+        if second.get(name) != digest:
+            raise PropertyFailure(
+                "import", case, f"{name} differs between two loads under init seeds {INIT_SEEDS}: it was not set "
+                                "from the checkpoint", kind="not loaded", facts={"tensor": name, "how": "differs between init seeds"})
+    for report in reports[0]:
+        for name, value in report["constant_unmapped"]:
+            raise PropertyFailure(
+                "import", case, f"{name} is constant ({value:g} everywhere) and its name is not one of Megatron-Core's "
+                                "GPTModel tensors, so it cannot be compared with the checkpoint: it kept its initial value",
+                kind="not loaded", facts={"tensor": name, "how": "constant"})
 
 
 # ---------------------------------------------------------------------------- 2. round trip
@@ -203,6 +269,19 @@ class CheckpointDiff:
 
     def __bool__(self) -> bool:
         return any((self.config, self.missing, self.extra, self.shape, self.dtype, self.value))
+
+    def facts(self) -> dict[str, Any]:
+        """The kinds of difference, and the tensors or config fields of each, by kind."""
+        names = {
+            "config": [entry.split("=", 1)[0] for entry in self.config],
+            "missing": self.missing,
+            "extra": self.extra,
+            "shape": [entry.split(" ", 1)[0] for entry in self.shape],
+            "dtype": [entry.split(" ", 1)[0] for entry in self.dtype],
+            "value": [name for name, _ in self.value],
+        }
+        return {"diff": [kind for kind, items in names.items() if items],
+                "names": sorted({n for items in names.values() for n in items})}
 
     def summary(self, limit: int = 3) -> str:
         parts = []
@@ -254,10 +333,12 @@ def check_round_trip(bridge: Bridge, case: Case, hf_dir: Path, out_dir: Path) ->
     """export(load(checkpoint)) is the checkpoint: names, shapes, dtypes, bits, and the config."""
     run_on_ranks("export", bridge, case, hf_dir, out_dir)
     if not (out_dir / CONFIG_NAME).is_file():
-        raise PropertyFailure("round_trip", case, f"export wrote no {CONFIG_NAME} into {out_dir}")
+        raise PropertyFailure("round_trip", case, f"export wrote no {CONFIG_NAME} into {out_dir}",
+                              kind="checkpoint differs", facts={"diff": ["config"], "names": [CONFIG_NAME]})
     diff = diff_checkpoints(hf_dir, out_dir)
     if diff:
         raise PropertyFailure("round_trip", case, f"exported checkpoint differs from the original: {diff.summary()}",
+                              kind="checkpoint differs", facts=diff.facts(),
                               evidence={"checkpoint_diff": dataclasses.asdict(diff)})
 
 
@@ -267,9 +348,8 @@ def oracle_trace(case: Case, hf_dir: Path, routing_margin: float) -> Trace:
     routing decision is closer than `routing_margin`."""
     oracle = ErnieMoeForCausalLM.from_pretrained(hf_dir).float()
     trace = oracle(case.inputs.input_ids(case.config.vocab_size), trace=True)
-    margins = [layer.routing.margin.min().item() for layer in trace.layers if layer.routing is not None]
-    if min(margins, default=math.inf) < routing_margin:
-        raise NearTie(f"routing margin {min(margins):.3g} < {routing_margin}")
+    if (margin := min_routing_margin(trace)) < routing_margin:
+        raise NearTie(f"routing margin {margin:.3g} < {routing_margin}")
     return trace
 
 
@@ -307,14 +387,31 @@ def stage_errors(actual: Trace, expected: Trace, cfg: ErnieMoeConfig) -> list[tu
     return errors
 
 
-def first_divergence(errors: list[tuple[str, float]], rtol: float = FP32_RTOL) -> str | None:
-    """The first stage, in forward order, whose error is over `rtol`."""
+def stage_kind(stage: str) -> str:
+    """"layer 3 router weights" -> "router weights"; a structural stage ("layer 1 kind: MoE in the
+    bridge's model, dense in the oracle") -> "layer kind"; others as they are."""
+    kind = re.sub(r"^layer \d+ ", "", stage.split(": ", 1)[0])
+    if kind == "kind":
+        return "layer kind"
+    if stage.startswith("decoder has"):
+        return "layer count"
+    return kind
+
+
+def first_divergence(errors: list[tuple[str, float]], rtol: float = FP32_RTOL) -> tuple[str, str] | None:
+    """(stage, description) of the first stage, in forward order, that differs: a value stage
+    whose relative error is over `rtol`, or a router choice that sends any token elsewhere.
+
+    Routing outside the tie margin must match exactly, in every dtype: a tolerance on the share of
+    tokens routed elsewhere would let a bridge misroute that share of every batch."""
     for stage, error in errors:
-        if error > rtol:
+        if "router choice" in stage and ": " not in stage:
+            if error > 0:
+                return stage, f"{stage}: {error:.1%} of tokens routed to other experts"
+        elif error > rtol:
             if ": " in stage:  # a structural difference, described by the stage itself
-                return stage
-            return f"{stage}: relative error {error:.3g} > {rtol:g}" if "router choice" not in stage else (
-                f"{stage}: {error:.1%} of tokens routed to other experts")
+                return stage, stage
+            return stage, f"{stage}: relative error {error:.3g} > {rtol:g}"
     return None
 
 
@@ -326,9 +423,11 @@ def check_equivalence(bridge: Bridge, case: Case, hf_dir: Path) -> None:
     expected = oracle_trace(case, hf_dir, tol.routing_margin)
     actual = merge_traces(run_on_ranks("trace", bridge, case, hf_dir))
     errors = stage_errors(actual, expected, case.config)
-    if (where := first_divergence(errors, tol.rtol)) is not None:
+    if (divergence := first_divergence(errors, tol.rtol)) is not None:
+        stage, where = divergence
         raise PropertyFailure(
             "equivalence", case, f"first divergence at {where}; logits relative error {errors[-1][1]:.3g}",
+            kind="divergence", facts={"stage": stage, "stage_kind": stage_kind(stage)},
             evidence={"stage_errors": errors},
         )
 
@@ -343,11 +442,13 @@ def check_interop(bridge: Bridge, case: Case, hf_dir: Path, out_dir: Path) -> No
     try:
         model = load_transformers_model(out_dir)
     except Exception as e:  # noqa: BLE001 - any failure to load is the finding
-        raise PropertyFailure("interop", case, f"transformers cannot load the export: {type(e).__name__}: {e}") from e
+        raise PropertyFailure("interop", case, f"transformers cannot load the export: {type(e).__name__}: {e}",
+                              kind="transformers cannot load", facts={"exception": type(e).__name__}) from e
     logits = run_transformers(model, case.inputs.input_ids(case.config.vocab_size)).logits
     err = relative_error(logits, expected.logits)
     if err > FP32_RTOL:
-        raise PropertyFailure("interop", case, f"transformers on the export: logits relative error {err:.3g} > {FP32_RTOL}")
+        raise PropertyFailure("interop", case, f"transformers on the export: logits relative error {err:.3g} > {FP32_RTOL}",
+                              kind="logits differ")
 
 
 # ---------------------------------------------------------------------------- 5. refusal
@@ -378,11 +479,18 @@ def corrupt_checkpoint(hf_dir: Path, corruption: Corruption) -> None:
     save_file(tensors, str(weights), metadata={"format": "pt"})
 
 
-def check_refusal(bridge: Bridge, case: Case, hf_dir: Path, corruption: Corruption) -> None:
-    """A corrupt checkpoint must make `load` raise; accepting it silently is a failure."""
+def check_refusal(bridge: Bridge, case: Case, hf_dir: Path, corruption: Corruption) -> dict[str, Any]:
+    """The same checkpoint loads uncorrupted, and corrupted makes `load` raise: accepting it
+    silently is a failure. (Loading the intact checkpoint first keeps a bridge that cannot load
+    anything from passing: its every error would otherwise count as a refusal.)
+
+    Returns {"named": whether every rank's error names the corrupted tensor or field}."""
+    run_on_ranks("load", bridge, case, hf_dir)  # raises BridgeError: the bridge fails a valid checkpoint
     corrupt_checkpoint(hf_dir, corruption)
     answers = run_on_ranks("refuse", bridge, case, hf_dir)
     accepted = [rank for rank, error in enumerate(answers) if error is None]
     if accepted:
         where = "" if len(answers) == 1 else f" on rank{'s' if len(accepted) > 1 else ''} {', '.join(map(str, accepted))}"
-        raise PropertyFailure("refusal", case, f"load accepted a corrupt checkpoint without error{where}: {corruption}")
+        raise PropertyFailure("refusal", case, f"load accepted a corrupt checkpoint without error{where}: {corruption}",
+                              kind="accepted corruption", facts={"corruption": corruption.kind, "target": corruption.target})
+    return {"named": all(corruption.target in error for error in answers)}

@@ -10,13 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from hypothesis import strategies as st
 
 from ernie_ref import ErnieMoeConfig
 from ernie_ref.layout import Layout
 
-__all__ = ["ConfigLimits", "configs", "layouts", "layer_patterns", "seeds", "Inputs", "inputs", "make_input_ids", "corruptions"]
+from .cases import Corruption, Inputs
+
+__all__ = ["ConfigLimits", "configs", "layouts", "layer_patterns", "seeds", "inputs", "corruptions"]
 
 
 @dataclass(frozen=True)
@@ -138,23 +139,6 @@ def seeds() -> st.SearchStrategy[int]:
     return st.integers(0, 2**31 - 1)
 
 
-@dataclass(frozen=True)
-class Inputs:
-    """A batch of token ids, described by its shape and seed so that a counterexample can store it."""
-
-    batch: int
-    seq_len: int
-    seed: int
-
-    def input_ids(self, vocab_size: int) -> torch.Tensor:
-        return make_input_ids(self.batch, self.seq_len, vocab_size, self.seed)
-
-
-def make_input_ids(batch: int, seq_len: int, vocab_size: int, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab_size, (batch, seq_len), generator=gen)
-
-
 @st.composite
 def inputs(draw: st.DrawFn, max_batch: int = 2, max_seq_len: int = 8) -> Inputs:
     return Inputs(
@@ -165,15 +149,13 @@ def inputs(draw: st.DrawFn, max_batch: int = 2, max_seq_len: int = 8) -> Inputs:
 
 
 @st.composite
-def corruptions(draw: st.DrawFn, cfg: ErnieMoeConfig, config_only: bool = False) -> "Corruption":
+def corruptions(draw: st.DrawFn, cfg: ErnieMoeConfig, config_only: bool = False) -> Corruption:
     """A way to make a checkpoint of `cfg` wrong: a tensor missing, extra or misshaped, or a
     config.json field that contradicts the weights (only the latter with `config_only`, which
     leaves the weight files untouched)."""
     import json
 
     from ernie_ref import expected_keys
-
-    from .properties import Corruption
 
     keys = expected_keys(cfg)
     kind = "config" if config_only else draw(st.sampled_from(["missing", "extra", "misshaped", "config"]))

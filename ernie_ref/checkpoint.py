@@ -108,6 +108,38 @@ def expected_keys(cfg: ErnieMoeConfig) -> dict[str, tuple[int, ...]]:
     return keys
 
 
+# config.json fields that decide which tensors a checkpoint has, and their shapes.
+_STRUCTURAL_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "moe_num_experts", "moe_intermediate_size", "moe_num_shared_experts",
+    "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval", "tie_word_embeddings", "use_bias",
+)
+
+
+def fields_behind(cfg: ErnieMoeConfig, tensor: str) -> list[str]:
+    """The config.json fields that decide whether `tensor` exists and what shape it has: those
+    whose change (one up or down, or a flipped flag) changes it. Error messages name them, so
+    that a config that contradicts the weights names the field as well as the tensor."""
+    expected = expected_keys(cfg).get(tensor)
+    found = []
+    for name in _STRUCTURAL_FIELDS:
+        value = getattr(cfg, name)
+        for changed in ([not value] if isinstance(value, bool) else [value - 1, value + 1]):
+            try:
+                other = expected_keys(cfg.replace(**{name: changed})).get(tensor)
+            except (ValueError, TypeError):
+                continue  # the change makes no valid config
+            if other != expected:
+                found.append(f"{name}={value!r}")
+                break
+    return found
+
+
+def _behind(cfg: ErnieMoeConfig, tensor: str) -> str:
+    fields = fields_behind(cfg, tensor)
+    return f" (config.json: {', '.join(fields)})" if fields else ""
+
+
 def check_state_dict(cfg: ErnieMoeConfig, shapes: Mapping[str, torch.Tensor | tuple[int, ...]]) -> None:
     """Raise `CheckpointError` naming the first missing, extra or misshaped tensor.
 
@@ -119,21 +151,22 @@ def check_state_dict(cfg: ErnieMoeConfig, shapes: Mapping[str, torch.Tensor | tu
     missing = [k for k in expected if k not in present]
     if missing:
         raise CheckpointError(
-            f"tensor {missing[0]!r} is missing: expected shape {list(expected[missing[0]])}"
+            f"tensor {missing[0]!r} is missing: expected shape {list(expected[missing[0]])}{_behind(cfg, missing[0])}"
             + (f" ({len(missing) - 1} more missing)" if len(missing) > 1 else "")
             + f"; config: {cfg.one_line()}"
         )
     extra = [k for k in present if k not in expected and IGNORED_KEY_FRAGMENT not in k]
     if extra:
         raise CheckpointError(
-            f"tensor {extra[0]!r} is not part of the model described by config.json"
+            f"tensor {extra[0]!r} is not part of the model described by config.json{_behind(cfg, extra[0])}"
             + (f" ({len(extra) - 1} more unexpected)" if len(extra) > 1 else "")
             + f"; config: {cfg.one_line()}"
         )
     for k, shape in expected.items():
         if present[k] != shape:
             raise CheckpointError(
-                f"tensor {k!r} has shape {list(present[k])}: expected {list(shape)}; config: {cfg.one_line()}"
+                f"tensor {k!r} has shape {list(present[k])}: expected {list(shape)}{_behind(cfg, k)}; "
+                f"config: {cfg.one_line()}"
             )
 
 

@@ -12,8 +12,8 @@ import pytest
 
 from conformance.certificate import validate
 from conformance.counterexample import ENV_DIR, Counterexample
-from conformance.properties import Case, PropertyFailure, run_property
-from conformance.strategies import Inputs
+from conformance.cases import Case, Inputs
+from conformance.properties import PropertyFailure, run_property
 from ernie_ref.megatron import ReferenceBridge
 from ernie_ref import ErnieMoeConfig, random_checkpoint
 
@@ -110,7 +110,7 @@ def test_plain_pytest_failure_saves_a_counterexample_named_in_the_message(pytest
     db = tmp_path / "db"
     result = pytester.runpytest_subprocess(
         "--pyargs", "conformance", "--bridge", "conformance.mutants:GateUpSwappedOnExport", "-k", "round_trip",
-        "--hypothesis-profile=dev", "--hypothesis-db", str(db), "-p", "no:cacheprovider")
+        "--hypothesis-profile=ernie-dev", "--hypothesis-db", str(db), "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     [saved] = list((tmp_path / "ce").iterdir())
     result.stdout.fnmatch_lines([f"*reproduce with: ernie-conformance replay {saved}*"])

@@ -1,14 +1,19 @@
 """Meta-tests: the suite kills every mutant of the catalogue (`conformance/mutants.py`) with the
 property the mutant names, at the ci profile, and passes the reference bridge. The suite runs
-exactly as a user runs it: `pytest --pyargs conformance --bridge ...`, in a fresh process."""
+exactly as a user runs it: `pytest --pyargs conformance --bridge ...`, in a fresh process, and each
+kill is checked on its structured result (results JSON and counterexample): the property, and the
+failure's kind and facts that the mutant's bug must cause."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from conformance.counterexample import Counterexample
 from conformance.mutants import MUTANTS, mutant_spec
+from ernie_ref.layout import Layout
 
 HERE = Path(__file__).parent
 SINGLE_RANK = "tp1-pp1-ep1-vpp1"
@@ -17,37 +22,50 @@ SINGLE_RANK = "tp1-pp1-ep1-vpp1"
 def run_suite(pytester: pytest.Pytester, bridge: str, test: str, *options: str) -> pytest.RunResult:
     pytester._monkeypatch.setenv("PYTHONPATH", str(HERE), prepend=":")
     return pytester.runpytest_subprocess(
-        "--pyargs", "conformance", "--bridge", bridge, "-k", test,
-        "--hypothesis-profile=ci", "--no-shrink", "-p", "no:cacheprovider", "-W", "ignore", *options,
+        "--pyargs", "conformance", "--bridge", bridge, "-k", test, "--results-json", str(pytester.path / "results.json"),
+        "--counterexamples", str(pytester.path / "counterexamples"),
+        "--hypothesis-profile=ernie-ci", "--no-shrink", "-p", "no:cacheprovider", "-W", "ignore", *options,
     )
+
+
+def test_result(pytester: pytest.Pytester, test: str) -> dict:
+    """The structured result of `test` (results JSON) of the last run_suite."""
+    results = json.loads((pytester.path / "results.json").read_text())["results"]
+    [result] = [r for r in results if r["test"].endswith(f"::{test}")]
+    return result
+
+
+def assert_killed_for_its_bug(pytester: pytest.Pytester, name: str, result: pytest.RunResult) -> Counterexample:
+    """The mutant's killing property failed, with the failure its bug causes (kind and facts, not
+    a phrase any failure would contain); returns the counterexample."""
+    mutant = MUTANTS[name]
+    test = f"test_{mutant.killed_by}"
+    outcome = test_result(pytester, test)
+    assert outcome["verdict"] == "fail", (
+        f"mutant {name} ({mutant.bug()}) was not killed by {test}: verdict {outcome['verdict']} {outcome['why']}\n"
+        f"{result.stdout.str()[-3000:]}")
+    problem = mutant.mismatch(outcome["record"]["failure"])
+    assert problem is None, f"{test} killed {name} for another reason than its bug: {problem}"
+    return Counterexample.load(outcome["counterexample"])
 
 
 @pytest.mark.catalogue
 @pytest.mark.parametrize("name", list(MUTANTS))
 def test_mutant_is_killed(pytester: pytest.Pytester, name: str) -> None:
     """Layouts drawn as by default (every layout of up to 4 ranks), within the ci profile's examples."""
-    mutant = MUTANTS[name]
-    result = run_suite(pytester, mutant_spec(name), f"test_{mutant.killed_by}")
-    output = result.stdout.str()
-    outcomes = result.parseoutcomes()
-    assert outcomes.get("failed") == 1, (
-        f"mutant {name} ({mutant.bug()}) survived test_{mutant.killed_by}: {outcomes}\n{output[-3000:]}")
-    assert mutant.says in output, (
-        f"test_{mutant.killed_by} killed {name} without saying {mutant.says!r}:\n{output[-3000:]}")
+    result = run_suite(pytester, mutant_spec(name), f"test_{MUTANTS[name].killed_by}")
+    assert_killed_for_its_bug(pytester, name, result)
 
 
-def assert_only_revealed_by(pytester: pytest.Pytester, name: str, right: tuple[str, ...], revealing: tuple[str, ...],
-                            named: str) -> None:
+def assert_only_revealed_by(pytester: pytest.Pytester, name: str, right: tuple[str, ...],
+                            revealing: tuple[str, ...]) -> Counterexample:
     """The mutant passes its killing property with options `right` and dies with `revealing`,
-    in a failure message that names what revealed it (`named`)."""
+    for its bug; returns the counterexample of the kill."""
     test = f"test_{MUTANTS[name].killed_by}"
     passing = run_suite(pytester, mutant_spec(name), test, *right)
-    assert passing.parseoutcomes().get("passed") == 1, f"{name} should pass {test} with {right}:\n{passing.stdout.str()[-3000:]}"
-    result = run_suite(pytester, mutant_spec(name), test, *revealing)
-    output = result.stdout.str()
-    assert result.parseoutcomes().get("failed") == 1, f"{test} missed {name} with {revealing}:\n{output[-3000:]}"
-    assert named in output and MUTANTS[name].says in output, (
-        f"{test} failed for {name} without saying {named!r} and {MUTANTS[name].says!r}:\n{output[-3000:]}")
+    assert test_result(pytester, test)["verdict"] == "pass", (
+        f"{name} should pass {test} with {right}:\n{passing.stdout.str()[-3000:]}")
+    return assert_killed_for_its_bug(pytester, name, run_suite(pytester, mutant_spec(name), test, *revealing))
 
 
 LAYOUT_MUTANTS = [name for name, mutant in MUTANTS.items() if mutant.reveals_under]
@@ -58,22 +76,32 @@ LAYOUT_MUTANTS = [name for name, mutant in MUTANTS.items() if mutant.reveals_und
 def test_layouts_reveal_bugs_of_split_models(pytester: pytest.Pytester, name: str) -> None:
     """Right on one rank; drawing the one split layout that the bug needs is what kills it."""
     split = MUTANTS[name].reveals_under
-    assert_only_revealed_by(pytester, name, ("--layouts", SINGLE_RANK), ("--layouts", f"{SINGLE_RANK},{split}"),
-                            f"layout {split}")
+    killed = assert_only_revealed_by(pytester, name, ("--layouts", SINGLE_RANK), ("--layouts", f"{SINGLE_RANK},{split}"))
+    assert str(Layout(**killed.layout)) == split, f"{name} was killed under {killed.layout}, not under {split}"
 
 
 def test_catalogue_covers_every_part_of_a_conversion() -> None:
     from conformance.mutants import PARTS
-    from conformance.properties import PROPERTIES
+    from conformance.properties import FAILURE_KINDS, PROPERTIES
 
     parts = {mutant.part for mutant in MUTANTS.values()}
     killers = {mutant.killed_by for mutant in MUTANTS.values()}
-    assert len(MUTANTS) >= 25 and parts == set(PARTS) and killers == set(PROPERTIES), (len(MUTANTS), parts, killers)
+    assert parts == set(PARTS) and killers == set(PROPERTIES), (parts, killers)
+    assert all(mutant.expect["kind"] in FAILURE_KINDS for mutant in MUTANTS.values())
+
+
+def test_catalogue_size_is_the_documented_one() -> None:
+    """The README and the kill matrix speak of the catalogue as it is."""
+    readme = (HERE.parent / "README.md").read_text()
+    assert f"a catalogue of {len(MUTANTS)} broken bridges" in readme, "README's catalogue size"
+    matrix = (HERE.parent / "docs" / "kill-matrix.md").read_text()
+    listed = {name for name in MUTANTS if f"| `{name}` |" in matrix}
+    assert listed == set(MUTANTS), f"docs/kill-matrix.md lacks {sorted(set(MUTANTS) - listed)}"
 
 
 def test_reference_bridge_passes_every_property(pytester: pytest.Pytester) -> None:
     result = run_suite(pytester, "reference", "test_")
-    result.assert_outcomes(passed=5)
+    result.assert_outcomes(passed=7)  # five properties and two published structures
     assert "bridge reference" in result.stdout.str(), "the report header names the bridge"
 
 
@@ -84,8 +112,9 @@ DTYPE_MUTANTS = [name for name, mutant in MUTANTS.items() if mutant.reveals_in]
 @pytest.mark.parametrize("name", DTYPE_MUTANTS)
 def test_bf16_checkpoints_reveal_bugs_of_bf16_conversions(pytester: pytest.Pytester, name: str) -> None:
     """Right for fp32 checkpoints; drawing bf16 ones is what kills it."""
-    assert_only_revealed_by(pytester, name, ("--dtype", "fp32", "--layouts", SINGLE_RANK),
-                            ("--dtype", "bf16", "--layouts", SINGLE_RANK), "bfloat16 weights seed")
+    killed = assert_only_revealed_by(pytester, name, ("--dtype", "fp32", "--layouts", SINGLE_RANK),
+                                     ("--dtype", "bf16", "--layouts", SINGLE_RANK))
+    assert killed.dtype == "bfloat16", killed
 
 
 EQUIVALENCE_MUTANTS = [name for name, mutant in MUTANTS.items()
@@ -100,7 +129,8 @@ def test_bf16_tolerance_is_tight_enough_to_kill(megatron_runtime, name: str) -> 
     from hypothesis import strategies as st
 
     from conformance.numerics import tolerance
-    from conformance.properties import Case, NearTie, PropertyFailure, run_property
+    from conformance.cases import Case
+    from conformance.properties import NearTie, PropertyFailure, run_property
     from conformance.strategies import ConfigLimits, configs, inputs, seeds
 
     bridge = MUTANTS[name]()

@@ -55,9 +55,9 @@ def test_xfails_file_expects_failures_strictly(pytester: pytest.Pytester) -> Non
     xfails = pytester.path / "xfails.txt"
     xfails.write_text("# known failures of this bridge\nsuite/test_properties.py::test_round_trip\n")
     broken = run_suite(pytester, "--bridge", "conformance.mutants:GateUpSwappedOnExport", "-k", "round_trip",
-                       "--xfails-file", str(xfails), "--hypothesis-profile=ci")
+                       "--xfails-file", str(xfails), "--hypothesis-profile=ernie-ci")
     broken.assert_outcomes(xfailed=1)
     fixed = run_suite(pytester, "--bridge", "reference", "-k", "round_trip", "--xfails-file", str(xfails),
-                      "--hypothesis-profile=ci")
+                      "--hypothesis-profile=ernie-ci")
     fixed.assert_outcomes(failed=1)
     fixed.stdout.fnmatch_lines(["*XPASS(strict)*"])

@@ -21,9 +21,9 @@ from torchrun_bridges import LoadRaisesOnRank1
 
 from conformance import distributed
 from conformance.plugin import check_layouts_fit_world, parse_layouts
-from conformance.properties import Case, prepare_checkpoint
+from conformance.cases import Case, Inputs
+from conformance.properties import prepare_checkpoint
 from conformance.rank_pool import RankFailure, RankPool
-from conformance.strategies import Inputs
 from conformance.torchrun import HANG_EXIT_CODE, choose_backend, failure_message, parse_options
 from ernie_ref import ErnieMoeConfig
 from ernie_ref.layout import Layout

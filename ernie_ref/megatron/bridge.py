@@ -20,7 +20,7 @@ from .mapping import MegatronView, megatron_to_hf
 from .model import build_chunks, transformer_config, transformer_engine_available
 from .router import ErnieRouter
 
-__all__ = ["ReferenceBridge", "UnsupportedConfig"]
+__all__ = ["ReferenceBridge", "UnsupportedConfig", "global_name", "tensor_parallel_shard", "tp_split"]
 
 
 class UnsupportedConfig(ValueError):
@@ -98,11 +98,11 @@ class ReferenceBridge:
 
     def global_name(self, name: str, chunk: torch.nn.Module) -> str | None:
         """This chunk's tensor `name` in the full model (pipeline and expert offsets applied)."""
-        return _global_name(name, chunk)
+        return global_name(name, chunk, chunk.ernie_config.tie_word_embeddings)
 
     def tp_split(self, name: str, chunk: torch.nn.Module) -> tuple[int, int]:
         """(dimension, stride) of the tensor-parallel split of parameter `name`."""
-        return _tp_split(name, chunk)
+        return tp_split(name, chunk)
 
     # ------------------------------------------------------------------ HF -> Megatron
     def load(self, hf_dir: Path, layout: Layout) -> list[torch.nn.Module]:
@@ -162,14 +162,15 @@ def _own_tensors(chunk: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v for k, v in chunk.state_dict().items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
 
 
-def _global_name(name: str, chunk: torch.nn.Module) -> str | None:
-    """Local name in this chunk -> name in the full model (pipeline layer offset, expert offset).
+def global_name(name: str, chunk: torch.nn.Module, tied: bool) -> str | None:
+    """Local name in this chunk of a Megatron-Core GPTModel -> name in the full model (pipeline
+    layer offset from each layer's `layer_number`, expert offset from the expert-parallel rank).
 
-    None for the last stage's copy of tied embeddings (`output_layer.weight` when the first
-    stage owns the embedding): it is not a tensor of its own.
+    None for the last stage's copy of tied embeddings (`output_layer.weight` when `tied`): it is
+    not a tensor of its own.
     """
     parts = name.split(".")
-    if name == "output_layer.weight" and chunk.ernie_config.tie_word_embeddings:
+    if name == "output_layer.weight" and tied:
         return None
     if parts[:2] == ["decoder", "layers"]:
         layer = chunk.decoder.layers[int(parts[2])]
@@ -181,7 +182,7 @@ def _global_name(name: str, chunk: torch.nn.Module) -> str | None:
     return ".".join(parts)
 
 
-def _tp_split(name: str, chunk: torch.nn.Module) -> tuple[int, int]:
+def tp_split(name: str, chunk: torch.nn.Module) -> tuple[int, int]:
     """(dimension, stride) of the tensor-parallel split of a parameter; fc1 = [gate; up] has stride 2."""
     param = dict(chunk.named_parameters()).get(name)
     return getattr(param, "partition_dim", 0), getattr(param, "partition_stride", 1)
@@ -201,6 +202,14 @@ def _gather_shards(bridge: ReferenceBridge, local: torch.Tensor, name: str, chun
     return torch.cat(parts, dim=dim)
 
 
+def tensor_parallel_shard(tensor: torch.Tensor, dim: int, stride: int) -> torch.Tensor:
+    """This tensor-parallel rank's slice of a full tensor split along `dim`; a fused tensor of
+    `stride` parts (fc1 = [gate; up]: stride 2) is split part by part."""
+    tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    pieces = [part.chunk(tp, dim=dim)[rank] for part in tensor.chunk(stride, dim=dim)]
+    return torch.cat(pieces, dim=dim)
+
+
 def _local_shard(
     bridge: ReferenceBridge, full: Mapping[str, torch.Tensor], name: str, local: torch.Tensor, chunk: torch.nn.Module
 ) -> torch.Tensor:
@@ -213,11 +222,7 @@ def _local_shard(
         raise RuntimeError(f"reference bridge: {name} is {local.dtype} in the model, the checkpoint gives {tensor.dtype}")
     if tensor.shape == local.shape:
         return tensor
-    # Split along the tensor-parallel dimension; fc1 = [gate; up] is split per half (stride 2).
-    dim, stride = bridge.tp_split(name, chunk)
-    tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
-    pieces = [part.chunk(tp, dim=dim)[rank] for part in tensor.chunk(stride, dim=dim)]
-    shard = torch.cat(pieces, dim=dim)
+    shard = tensor_parallel_shard(tensor, *bridge.tp_split(name, chunk))
     if shard.shape != local.shape:
         raise RuntimeError(f"reference bridge: {name} is {list(local.shape)} on this rank, the checkpoint gives {list(shard.shape)}")
     return shard

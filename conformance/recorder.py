@@ -1,0 +1,147 @@
+"""What the suite saw, test by test: draws, declared refusals, ties, valid examples by layout and
+dtype, refusal errors that named the corruption, the failure and its counterexample.
+
+One `Recorder` lives in each pytest process (an xdist worker, or the only process). The test
+that is running updates its `Tally`; when the test ends the tally travels to the controlling
+process in the report's user_properties, where `SessionRecord` keeps one result per test. The
+certificate is built from those results alone, so it says what was drawn, not what was asked.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = ["Tally", "Recorder", "SessionRecord", "RECORDER", "STATUSES", "verdict_of"]
+
+
+@dataclass
+class Tally:
+    """One test's record in this process."""
+
+    draws: int = 0  # configs drawn and put to the bridge's unsupported()
+    refusals: Counter[str] = field(default_factory=Counter)  # declared unsupported, by reason
+    ties: int = 0  # examples set aside: the oracle's routing has a near-tie
+    valid: int = 0  # examples that ran to a verdict
+    layouts: Counter[str] = field(default_factory=Counter)  # valid examples per layout
+    dtypes: Counter[str] = field(default_factory=Counter)  # valid examples per checkpoint dtype
+    refusal_named: Counter[str] = field(default_factory=Counter)  # refusal errors: "named" / "unnamed"
+    limits: dict[str, dict[str, Any]] = field(default_factory=dict)  # config limits in force, per dtype
+    first_failure: dict[str, float] | None = None  # before shrinking: example number, seconds
+    shrink_calls: int = 0  # examples run after the first failure (shrinking, explaining)
+    failure: dict[str, Any] | None = None  # the last failure's kind, facts and message
+    counterexample: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+    failed_cases: dict[str, Any] = field(default_factory=dict, repr=False)  # repr(case) -> PropertyFailure
+
+    @property
+    def failing(self) -> bool:
+        return self.first_failure is not None
+
+    def to_json(self) -> dict[str, Any]:
+        """The record without what is only needed while the test runs. (Not `asdict`, which
+        would rebuild each Counter from its items.)"""
+        return {f.name: dict(value) if isinstance(value, Counter) else value
+                for f in fields(self) if f.name not in ("started", "failed_cases")
+                for value in (getattr(self, f.name),)}
+
+
+class Recorder:
+    """The current test's tally, in this process."""
+
+    def __init__(self) -> None:
+        self.test = ""
+        self.tallies: dict[str, Tally] = {}
+
+    def start(self, test: str) -> None:
+        self.test = test
+        self.tallies[test] = Tally()
+
+    def stop(self) -> None:
+        self.test = ""
+
+    @property
+    def tally(self) -> Tally:
+        """The running test's tally (a scratch one outside a test, so that direct calls work)."""
+        return self.tallies.setdefault(self.test, Tally())
+
+    def pop(self, test: str) -> Tally | None:
+        return self.tallies.pop(test, None)
+
+    # What drawing and checking an example report.
+    def count_draw(self) -> None:
+        self.tally.draws += 1
+
+    def count_refusal(self, reason: str) -> None:
+        self.tally.refusals[reason] += 1
+
+    def count_tie(self) -> None:
+        if self.tally.failing:
+            self.tally.shrink_calls += 1
+        else:
+            self.tally.ties += 1
+
+    def count_valid(self, case: Any, observed: dict[str, Any]) -> None:
+        tally = self.tally
+        if tally.failing:
+            tally.shrink_calls += 1
+            return
+        tally.valid += 1
+        tally.layouts[str(case.layout)] += 1
+        tally.dtypes[case.dtype] += 1
+        if "named" in observed:
+            tally.refusal_named["named" if observed["named"] else "unnamed"] += 1
+
+    def note_limits(self, dtype: str, limits: dict[str, Any]) -> None:
+        self.tally.limits.setdefault(dtype, limits)
+
+    def note_failure(self, case: Any, failure: Any) -> None:
+        tally = self.tally
+        if tally.first_failure is None:
+            tally.valid += 1
+            tally.layouts[str(case.layout)] += 1
+            tally.dtypes[case.dtype] += 1
+            tally.first_failure = {"example": tally.valid, "seconds": round(time.perf_counter() - tally.started, 3)}
+        else:
+            tally.shrink_calls += 1
+        tally.failed_cases[repr(case)] = failure
+        tally.failure = {"kind": failure.kind, "facts": failure.facts, "message": str(failure).split("\n  reproduce with:")[0]}
+
+
+RECORDER = Recorder()
+
+
+# How a test of the suite ended, as its process saw it (`status`), and the verdict on the bridge.
+STATUSES = ("passed", "failed", "inconclusive", "suite error")
+
+
+def verdict_of(outcome: str, status: str) -> str:
+    """The verdict on a property from pytest's outcome and the test's status.
+
+    pass: the property held on every example the profile asks for. inconclusive: it held, but on
+    fewer valid examples (the rest declared unsupported or set aside as ties), or Hypothesis gave
+    up on the draws. fail: it does not hold. error: the suite itself failed, which says nothing
+    about the bridge. A known failure (listed in the known-failures file) that still fails is
+    "known failure"; one that passed is a fail (the list is strict)."""
+    if outcome == "xfailed":
+        return "known failure"
+    if outcome == "xpassed":
+        return "fail"
+    if outcome == "skipped":
+        return "not run"
+    return {"passed": "pass", "failed": "fail", "inconclusive": "inconclusive", "suite error": "error"}[status]
+
+
+@dataclass
+class SessionRecord:
+    """In the controlling process: one result per finished test."""
+
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+    def refusals(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for result in self.results:
+            total.update(result.get("record", {}).get("refusals", {}))
+        return total

@@ -1,0 +1,50 @@
+"""The published ERNIE 4.5 MoE structures: the models people convert.
+
+Each is the structural part of a published config.json (Baidu's -PT checkpoints; the -Base and
+-Thinking variants share their structure). A bridge that declares one of them unsupported cannot
+convert the models in use, whatever else it does right.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import ErnieMoeConfig
+
+__all__ = ["PUBLISHED_STRUCTURES", "published_config"]
+
+_COMMON: dict[str, Any] = {
+    "vocab_size": 103424,
+    "head_dim": 128,  # not in the published config.json: hidden_size // num_attention_heads
+    "rms_norm_eps": 1e-5,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+    "max_position_embeddings": 131072,
+    "moe_layer_interval": 1,
+    "use_bias": False,
+}
+
+PUBLISHED_STRUCTURES: dict[str, dict[str, Any]] = {
+    # ERNIE-4.5-21B-A3B(-Base)-PT and ERNIE-4.5-21B-A3B-Thinking
+    "ERNIE-4.5-21B-A3B": {
+        **_COMMON,
+        "hidden_size": 2560, "intermediate_size": 12288, "num_hidden_layers": 28,
+        "num_attention_heads": 20, "num_key_value_heads": 4,
+        "moe_num_experts": 64, "moe_k": 6, "moe_num_shared_experts": 2, "moe_intermediate_size": 1536,
+        "moe_layer_start_index": 1, "moe_layer_end_index": 27, "tie_word_embeddings": True,
+    },
+    # ERNIE-4.5-300B-A47B(-Base)-PT
+    "ERNIE-4.5-300B-A47B": {
+        **_COMMON,
+        "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 54,
+        "num_attention_heads": 64, "num_key_value_heads": 8,
+        "moe_num_experts": 64, "moe_k": 8, "moe_num_shared_experts": 0, "moe_intermediate_size": 3584,
+        "moe_layer_start_index": 3, "moe_layer_end_index": 53, "tie_word_embeddings": False,
+    },
+}
+
+
+def published_config(name: str) -> ErnieMoeConfig:
+    """The `ErnieMoeConfig` of the published structure `name` (a key of PUBLISHED_STRUCTURES)."""
+    if name not in PUBLISHED_STRUCTURES:
+        raise KeyError(f"{name!r}: not a published structure ({', '.join(PUBLISHED_STRUCTURES)})")
+    return ErnieMoeConfig.from_hf(PUBLISHED_STRUCTURES[name])
