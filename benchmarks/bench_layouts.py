@@ -36,7 +36,7 @@ import bench_properties
 from conformance import distributed
 from conformance.bridge import resolve_bridge
 from conformance.megatron_runtime import apply_cpu_patches, init_process_group_once
-from conformance.plugin import SuiteSession
+from conformance.session import SuiteSession
 from conformance.rank_pool import RankFailure, RankPool
 from ernie_ref.layout import Layout
 
@@ -123,7 +123,8 @@ def measure_rates(bridge: Any, layouts: list[Layout], pool_ranks: int | None, ex
                 pool.start()  # not timed: the first table has it
             distributed.set_pool(pool)
             suite = SuiteSession(bridge=bridge, bridge_spec="", bridge_version=bridge.version(),
-                                 counterexamples=Path("counterexamples"), layouts=[layout], checkpoint=None)
+                                 counterexamples=Path("counterexamples"), layouts=[layout], checkpoint=None,
+                                 dtypes=["float32"])
             try:
                 for prop in PROPERTIES:
                     bench_properties.PHASES.clear()

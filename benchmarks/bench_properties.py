@@ -26,7 +26,7 @@ warnings.filterwarnings("ignore")
 from conformance import properties  # noqa: E402
 from conformance.bridge import resolve_bridge  # noqa: E402
 from conformance.megatron_runtime import apply_cpu_patches, init_process_group_once  # noqa: E402
-from conformance.plugin import SuiteSession  # noqa: E402
+from conformance.session import SuiteSession  # noqa: E402
 from conformance.suite.drawing import draw_case  # noqa: E402
 from ernie_ref.layout import Layout  # noqa: E402
 
@@ -60,7 +60,7 @@ def run_property(name: str, suite, examples: int) -> tuple[int, float]:
               suppress_health_check=list(HealthCheck))
     @given(data=st.data())
     def body(data):
-        case = draw_case(data, suite, with_corruption=name == "refusal")
+        case = draw_case(data, suite, name)
         try:
             properties.run_property(name, suite.bridge, case)
         except properties.NearTie:
@@ -82,7 +82,8 @@ def main() -> None:
     bridge = resolve_bridge(args.bridge)
     instrument(bridge)
     suite = SuiteSession(bridge=bridge, bridge_spec=args.bridge, bridge_version=bridge.version(),
-                         counterexamples=Path("counterexamples"), layouts=[Layout()], checkpoint=None)
+                         counterexamples=Path("counterexamples"), layouts=[Layout()], checkpoint=None,
+                         dtypes=["float32"])
     rows = []
     for name in ("import", "round_trip", "equivalence", "interop", "refusal"):
         PHASES.clear()

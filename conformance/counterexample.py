@@ -26,6 +26,7 @@ from .properties import PropertyFailure
 __all__ = ["Counterexample", "SCHEMA", "counterexample_dir", "ENV_DIR", "replay_command"]
 
 SCHEMA = "ernie-conformance/counterexample/v2"
+SCHEMA_V1 = "ernie-conformance/counterexample/v1"  # still read: the committed certificates of earlier versions
 ENV_DIR = "ERNIE_CONFORMANCE_COUNTEREXAMPLES"
 DEFAULT_DIR = "counterexamples"
 
@@ -128,8 +129,9 @@ class Counterexample:
     @classmethod
     def load(cls, path: str | Path) -> Counterexample:
         data = json.loads(Path(path).read_text())
-        if data.get("schema") != SCHEMA:
+        if data.get("schema") not in (SCHEMA, SCHEMA_V1):
             raise ValueError(f"{path}: schema {data.get('schema')!r}, expected {SCHEMA!r}")
+        data["schema"] = SCHEMA  # v1 lacks kind and facts, which default to empty
         return cls(**data, _directory=Path(path).resolve().parent)
 
 

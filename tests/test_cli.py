@@ -30,14 +30,30 @@ def cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedP
 def test_certify_reference_conforms(tmp_path: Path) -> None:
     run = cli("certify", "--out", "cert", *SMALL, cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "[5/5]" in run.stdout and "CONFORMS" in run.stdout, run.stdout
+    assert "[7/7]" in run.stdout and "CONFORMS" in run.stdout, run.stdout
     certificate = json.loads((tmp_path / "cert" / "certificate.json").read_text())
     validate(certificate)
     assert certificate["conforms"] and certificate["bridge"]["name"] == "reference"
     assert {p: e["verdict"] for p, e in certificate["properties"].items()} == dict.fromkeys(certificate["properties"], "pass")
     assert all(e["examples"] >= 10 for e in certificate["properties"].values())
     assert any("use_bias" in reason for reason in certificate["refusals"]), certificate["refusals"]
+    assert {s: e["verdict"] for s, e in certificate["published"].items()} == {
+        "ERNIE-4.5-21B-A3B": "supported", "ERNIE-4.5-300B-A47B": "supported"}
+    assert sum(certificate["tested"]["dtypes"].values()) == certificate["tested"]["examples"] >= 50
+    named = certificate["properties"]["refusal"]["errors_naming_the_corruption"]
+    assert named["unnamed"] == 0 and named["named"] == certificate["properties"]["refusal"]["examples"], named
     assert "**CONFORMS**" in (tmp_path / "cert" / "certificate.md").read_text()
+    assert_no_absolute_paths(tmp_path / "cert", tmp_path)
+
+
+def assert_no_absolute_paths(cert: Path, root: Path) -> None:
+    """certificate.json, certificate.md and counterexample files name no path of this machine."""
+    files = [cert / "certificate.json", cert / "certificate.md", *sorted((cert / "counterexamples").glob("*.json"))]
+    for f in files:
+        text = f.read_text()
+        assert str(root) not in text and str(root.resolve()) not in text and "/tmp/" not in text, (
+            f"{f.name} names a path of this machine: "
+            f"{[line for line in text.splitlines() if str(root.resolve()) in line or '/tmp/' in line][:3]}")
 
 
 def test_no_arguments_certifies_the_reference_bridge(tmp_path: Path) -> None:
@@ -57,8 +73,10 @@ def test_certify_broken_bridge_fails_and_replay_reproduces(tmp_path: Path) -> No
     assert "router weights" in failure["message"], failure["message"]
     assert (tmp_path / "cert" / failure["plot"]).is_file()
     assert f"![error by stage]({failure['plot']})" in (tmp_path / "cert" / "certificate.md").read_text()
-    saved = Path(failure["counterexample"]["file"])
-    replay = cli("replay", str(saved), cwd=tmp_path)
+    assert_no_absolute_paths(tmp_path / "cert", tmp_path)
+    saved = tmp_path / "cert" / failure["counterexample"]["file"]
+    assert failure["counterexample"]["replay"] == f"ernie-conformance replay {failure['counterexample']['file']}"
+    replay = cli("replay", failure["counterexample"]["file"], cwd=tmp_path / "cert")
     assert replay.returncode == 1, replay.stdout + replay.stderr
     first_line = Counterexample.load(saved).message.splitlines()[0].removeprefix("[equivalence] ")
     assert f"STILL FAILS: {first_line}" in replay.stdout, replay.stdout
@@ -79,7 +97,8 @@ def test_certify_on_a_users_sharded_checkpoint(tmp_path: Path) -> None:
     run = cli("certify", "--checkpoint", str(tmp_path / "ckpt"), "--out", "cert", *SMALL, cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     certificate = json.loads((tmp_path / "cert" / "certificate.json").read_text())
-    assert certificate["checkpoint"] == str((tmp_path / "ckpt").resolve()) and certificate["conforms"]
+    assert certificate["checkpoint"] == "../ckpt" and certificate["conforms"], certificate["checkpoint"]
+    assert set(certificate["tested"]["dtypes"]) == {"float32"}
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir())[0] == "config.json", "the checkpoint is untouched"
 
 
@@ -93,8 +112,16 @@ def test_certify_on_a_checkpoint_the_bridge_gets_wrong(tmp_path: Path) -> None:
     assert run.returncode == 1, run.stdout + run.stderr
     certificate = json.loads((tmp_path / "cert" / "certificate.json").read_text())
     failure = certificate["properties"]["round_trip"]["failure"]
-    assert failure["counterexample"]["checkpoint"] == str((tmp_path / "ckpt").resolve())
+    assert failure["counterexample"]["checkpoint"] == "../ckpt", failure["counterexample"]
     assert failure["checkpoint_diff"]["value"], failure
+    assert_no_absolute_paths(tmp_path / "cert", tmp_path)
+    # The committed certificate replays from anywhere: move it, with the checkpoint beside it.
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    (tmp_path / "cert").rename(moved / "cert")
+    (tmp_path / "ckpt").rename(moved / "ckpt")
+    replay = cli("replay", str(moved / "cert" / failure["counterexample"]["file"]), cwd=tmp_path)
+    assert replay.returncode == 1 and "STILL FAILS" in replay.stdout, replay.stdout + replay.stderr
 
 
 def test_bridges_lists_the_reference_bridge(tmp_path: Path) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,7 +49,7 @@ def test_header_names_bridge_and_versions_and_max_examples_applies(pytester: pyt
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines([
         "ernie-conformance *: bridge reference *",
-        "megatron-core *, transformers *, torch *; hypothesis profile *-n7 (7 examples)",
+        "megatron-core *, transformers *, torch *; hypothesis profile * max_examples=7 (7 examples, *",
         "*7 passing*",
     ])
 
@@ -61,3 +64,43 @@ def test_xfails_file_expects_failures_strictly(pytester: pytest.Pytester) -> Non
                       "--hypothesis-profile=ernie-ci")
     fixed.assert_outcomes(failed=1)
     fixed.stdout.fnmatch_lines(["*XPASS(strict)*"])
+
+
+UNRELATED_TESTS = '''
+import os
+
+from hypothesis import given, settings, strategies as st
+
+# A project's own "ci" profile, as many projects have.
+settings.register_profile("ci", max_examples=7)
+settings.load_profile("ci")
+RUNS = []
+
+
+def test_the_plugin_is_loaded_and_changes_nothing(pytestconfig, request):
+    assert pytestconfig.pluginmanager.has_plugin("ernie_conformance")
+    assert os.environ.get("CUDA_VISIBLE_DEVICES") == "0", "GPUs stay visible"
+    assert settings.get_current_profile_name() == "ci" and settings.default.max_examples == 7
+    assert not [f for f in pytestconfig.getini("filterwarnings") if "megatron" in f]
+    assert not list(request.node.iter_markers("filterwarnings"))
+
+
+@given(st.integers())
+def test_hypothesis_runs_with_the_projects_profile(n):
+    RUNS.append(n)
+
+
+def test_that_it_ran_seven_examples():
+    assert len(RUNS) == 7, RUNS
+'''
+
+
+def test_an_unrelated_session_is_untouched(tmp_path: Path) -> None:
+    """Installing the package registers the plugin in every pytest session of the environment; a
+    session that does not run the suite keeps its GPUs, its Hypothesis profile and its warnings."""
+    (tmp_path / "test_unrelated.py").write_text(UNRELATED_TESTS)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0", "CI": "true"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "test_unrelated.py"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "3 passed" in run.stdout and "ernie-conformance" not in run.stdout, run.stdout

@@ -1,0 +1,24 @@
+"""The benchmarks run: each with an example or two, so that a change of the suite's API cannot
+leave them broken (their tables are in the README). Nothing here measures speed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+@pytest.mark.parametrize("script, args, header", [
+    ("bench_properties.py", ["--examples", "2"], "| property | examples | seconds | examples/min | peak RSS MB |"),
+    ("bench_layouts.py", ["--examples", "1", "--layouts", "tp1-pp1-ep1-vpp1,tp2-pp1-ep1-vpp1"],
+     "| layout | ranks | pool ranks | property | examples | seconds | examples/min |"),
+])
+def test_benchmark_runs(tmp_path: Path, script: str, args: list[str], header: str) -> None:
+    run = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert header in run.stdout, run.stdout
