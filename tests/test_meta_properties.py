@@ -28,7 +28,7 @@ def run_suite(pytester: pytest.Pytester, bridge: str, test: str, *options: str) 
     )
 
 
-def test_result(pytester: pytest.Pytester, test: str) -> dict:
+def recorded_result(pytester: pytest.Pytester, test: str) -> dict:
     """The structured result of `test` (results JSON) of the last run_suite."""
     results = json.loads((pytester.path / "results.json").read_text())["results"]
     [result] = [r for r in results if r["test"].endswith(f"::{test}")]
@@ -40,7 +40,7 @@ def assert_killed_for_its_bug(pytester: pytest.Pytester, name: str, result: pyte
     a phrase any failure would contain); returns the counterexample."""
     mutant = MUTANTS[name]
     test = f"test_{mutant.killed_by}"
-    outcome = test_result(pytester, test)
+    outcome = recorded_result(pytester, test)
     assert outcome["verdict"] == "fail", (
         f"mutant {name} ({mutant.bug()}) was not killed by {test}: verdict {outcome['verdict']} {outcome['why']}\n"
         f"{result.stdout.str()[-3000:]}")
@@ -63,7 +63,7 @@ def assert_only_revealed_by(pytester: pytest.Pytester, name: str, right: tuple[s
     for its bug; returns the counterexample of the kill."""
     test = f"test_{MUTANTS[name].killed_by}"
     passing = run_suite(pytester, mutant_spec(name), test, *right)
-    assert test_result(pytester, test)["verdict"] == "pass", (
+    assert recorded_result(pytester, test)["verdict"] == "pass", (
         f"{name} should pass {test} with {right}:\n{passing.stdout.str()[-3000:]}")
     return assert_killed_for_its_bug(pytester, name, run_suite(pytester, mutant_spec(name), test, *revealing))
 
