@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -99,9 +100,36 @@ def bridge_call(call: str, fn, *args, **kwargs):
     """`fn(*args, **kwargs)`, a call into the bridge under test: whatever it raises becomes a
     `BridgeError` naming `call`, with the bridge's traceback kept. (Rank stacks that show this
     function's name were inside the bridge when they hung: see `conformance.distributed`.)"""
-    import traceback
-
     try:
         return fn(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - everything the bridge raises is attributed to it
-        raise BridgeError(call, type(e).__name__, str(e).strip(), "".join(traceback.format_exception(e))) from e
+        raise BridgeError(call, type(e).__name__, str(e).strip(), portable_traceback(e)) from e
+
+
+def portable_traceback(error: BaseException) -> str:
+    """`error`'s traceback with each file named as Python imports it (`megatron/core/...`,
+    `conformance/mutants.py`) rather than by this machine's paths: it goes into counterexamples
+    and certificates that are read elsewhere."""
+    import sys
+    import traceback
+
+    roots = sorted({str(Path(p).resolve()) for p in sys.path if p and Path(p).is_dir()}, key=len, reverse=True)
+    # An editable install is no sys.path entry: name a loaded module's file by the module.
+    by_module = {}
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if file:
+            tail = "/__init__.py" if Path(file).name == "__init__.py" else ".py"
+            by_module[str(Path(file).resolve())] = module.__name__.replace(".", "/") + tail
+
+    def portable(filename: str) -> str:
+        resolved = str(Path(filename).resolve()) if filename.startswith("/") else filename
+        if resolved in by_module:
+            return by_module[resolved]
+        for root in roots:
+            if resolved.startswith(root + "/"):
+                return resolved[len(root) + 1:]
+        return Path(filename).name if filename.startswith("/") else filename
+
+    lines = traceback.format_exception(error)
+    return "".join(re.sub(r'File "([^"]+)"', lambda m: f'File "{portable(m.group(1))}"', line) for line in lines)

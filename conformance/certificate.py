@@ -316,8 +316,6 @@ def render_markdown(c: dict[str, Any]) -> str:
                 lines += ["", f"Shrunk counterexample: config `{ce['config']}`, {weights}, layout {ce['layout']}, "
                               f"inputs {ce['inputs']}" + (f", corruption {ce['corruption']}" if ce["corruption"] else ""),
                           "", f"Reproduce (from this directory): `{ce['replay']}`"]
-            if f.get("traceback"):
-                lines += ["", "The bridge's traceback:", "", "```", f["traceback"].rstrip(), "```"]
             if f.get("plot"):
                 lines += ["", f"![error by stage]({f['plot']})"]
             if f.get("stage_errors"):

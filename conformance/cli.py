@@ -131,7 +131,7 @@ def _certify(args: argparse.Namespace) -> int:
 
     certificate = build_certificate(
         bridge=bridge, bridge_spec=args.bridge, results=json.loads(results_path.read_text()),
-        profile=args.profile, layouts=_layout_names(args.layouts), device=args.device,
+        profile=f"ernie-{args.profile}", layouts=_layout_names(args.layouts), device=args.device,
         dtypes=DTYPE_OPTIONS[args.dtype], checkpoint=args.checkpoint, out_dir=out,
     )
     write_certificate(certificate, out)

@@ -38,7 +38,7 @@ settings.register_profile("ernie-dev", max_examples=PROFILES["ernie-dev"], **_CO
 settings.register_profile("ernie-ci", max_examples=PROFILES["ernie-ci"], derandomize=True, database=None, **_COMMON)
 settings.register_profile("ernie-thorough", max_examples=PROFILES["ernie-thorough"], **_COMMON)
 # Examples run after a test's first failure (shrinking it), at most; see suite.drawing.check.
-MAX_SHRINKS = {"ernie-dev": 100, "ernie-ci": 100, "ernie-thorough": 400}
+MAX_SHRINKS = {"ernie-dev": 50, "ernie-ci": 50, "ernie-thorough": 400}
 
 DEFAULT_BRIDGE = "reference"
 # --dtype -> the dtypes drawn, fp32 first so that a failure shrinks towards full precision.
@@ -48,7 +48,7 @@ SUITE_PACKAGE = "conformance.suite"
 SUITE_DIR = Path(__file__).parent / "suite"
 
 _SESSION = SessionRecord()  # the controlling process's results, one per test of the suite
-_STATE: dict[str, Any] = {"settings": None, "profile": "", "max_shrinks": 100, "suite": False, "worker": False,
+_STATE: dict[str, Any] = {"settings": None, "profile": "", "max_shrinks": 50, "suite": False, "worker": False,
                           "progress": None, "total": 0}
 
 

@@ -20,4 +20,4 @@ class SuiteSession:
     layouts: list
     checkpoint: Path | None
     dtypes: list[str]  # drawn checkpoints' dtypes; a user's checkpoint has its own
-    max_shrinks: int = 100  # examples run after a test's first failure, at most (see suite.drawing.check)
+    max_shrinks: int = 50  # examples run after a test's first failure, at most (see suite.drawing.check)

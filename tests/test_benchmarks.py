@@ -16,6 +16,8 @@ BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
     ("bench_properties.py", ["--examples", "2"], "| property | examples | seconds | examples/min | peak RSS MB |"),
     ("bench_layouts.py", ["--examples", "1", "--layouts", "tp1-pp1-ep1-vpp1,tp2-pp1-ep1-vpp1"],
      "| layout | ranks | pool ranks | property | examples | seconds | examples/min |"),
+    ("bench_verdicts.py", ["--bridges", "conformance.mutants:LoadAlwaysRaises", "--max-examples", "2"],
+     "| bridge | all verdicts s | max shrinks |"),
 ])
 def test_benchmark_runs(tmp_path: Path, script: str, args: list[str], header: str) -> None:
     run = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=tmp_path, capture_output=True,
