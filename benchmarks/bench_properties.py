@@ -10,6 +10,7 @@ peak resident memory of the process after the property, and where the time went.
 from __future__ import annotations
 
 import argparse
+import sys
 import resource
 import time
 import warnings
@@ -54,7 +55,7 @@ def instrument(bridge) -> None:
 
 
 def run_property(name: str, suite, examples: int) -> tuple[int, float]:
-    counts = {"valid": 0}
+    counts = {"valid": 0, "failures": 0}
 
     @settings(max_examples=examples, derandomize=True, database=None, deadline=None,
               suppress_health_check=list(HealthCheck))
@@ -65,6 +66,9 @@ def run_property(name: str, suite, examples: int) -> tuple[int, float]:
             properties.run_property(name, suite.bridge, case)
         except properties.NearTie:
             reject()
+        except properties.PropertyFailure as failure:  # counted and shown, not a reason to stop measuring
+            counts["failures"] += 1
+            print(f"FAILURE while measuring: {failure}", file=sys.stderr)
         counts["valid"] += 1
 
     start = time.perf_counter()

@@ -113,23 +113,23 @@ def portable_traceback(error: BaseException) -> str:
     import sys
     import traceback
 
-    roots = sorted({str(Path(p).resolve()) for p in sys.path if p and Path(p).is_dir()}, key=len, reverse=True)
+    lines = traceback.format_exception(error)
+    files = {f.filename for f in traceback.extract_tb(error.__traceback__)}
     # An editable install is no sys.path entry: name a loaded module's file by the module.
     by_module = {}
     for module in list(sys.modules.values()):
         file = getattr(module, "__file__", None)
-        if file:
-            tail = "/__init__.py" if Path(file).name == "__init__.py" else ".py"
-            by_module[str(Path(file).resolve())] = module.__name__.replace(".", "/") + tail
+        if file in files:
+            by_module[file] = module.__name__.replace(".", "/") + ("/__init__.py" if file.endswith("__init__.py") else ".py")
+    roots = sorted({str(Path(p).resolve()) for p in sys.path if p and Path(p).is_dir()}, key=len, reverse=True)
 
     def portable(filename: str) -> str:
+        if filename in by_module:
+            return by_module[filename]
         resolved = str(Path(filename).resolve()) if filename.startswith("/") else filename
-        if resolved in by_module:
-            return by_module[resolved]
         for root in roots:
             if resolved.startswith(root + "/"):
                 return resolved[len(root) + 1:]
         return Path(filename).name if filename.startswith("/") else filename
 
-    lines = traceback.format_exception(error)
     return "".join(re.sub(r'File "([^"]+)"', lambda m: f'File "{portable(m.group(1))}"', line) for line in lines)

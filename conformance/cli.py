@@ -69,12 +69,6 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def _layout_names(text: str) -> list[str]:
-    from .plugin import parse_layouts
-
-    return [str(layout) for layout in parse_layouts(text, max_ranks=4)]
-
-
 def _certify(args: argparse.Namespace) -> int:
     from .bridge import BridgeNotFound, resolve_bridge
 
@@ -127,12 +121,15 @@ def _certify(args: argparse.Namespace) -> int:
         return 2
 
     from .certificate import build_certificate, write_certificate
-    from .plugin import DTYPE_OPTIONS
+    from .plugin import DTYPE_OPTIONS, checkpoint_layouts_and_dtypes, parse_layouts
 
+    layouts, dtypes = parse_layouts(args.layouts, max_ranks=4), DTYPE_OPTIONS[args.dtype]
+    if args.checkpoint:  # what applied to it, not what the command line allowed
+        layouts, dtypes = checkpoint_layouts_and_dtypes(args.checkpoint, layouts)
     certificate = build_certificate(
         bridge=bridge, bridge_spec=args.bridge, results=json.loads(results_path.read_text()),
-        profile=f"ernie-{args.profile}", layouts=_layout_names(args.layouts), device=args.device,
-        dtypes=DTYPE_OPTIONS[args.dtype], checkpoint=args.checkpoint, out_dir=out,
+        profile=f"ernie-{args.profile}", layouts=[str(layout) for layout in layouts], device=args.device,
+        dtypes=dtypes, checkpoint=args.checkpoint, out_dir=out,
     )
     write_certificate(certificate, out)
     verdict = "CONFORMS" if certificate["conforms"] else "DOES NOT CONFORM"

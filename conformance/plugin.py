@@ -483,27 +483,36 @@ def rank_pool(pytestconfig: pytest.Config):
         pool.close()
 
 
-@pytest.fixture(scope="session")
-def suite(pytestconfig: pytest.Config, bridge, megatron_runtime, rank_pool) -> SuiteSession:
+def checkpoint_layouts_and_dtypes(checkpoint: str | Path, layouts: list) -> tuple[list, list[str]]:
+    """With --checkpoint: the layouts of `layouts` that can split the checkpoint's model, and its
+    dtype (a user's checkpoint has its own); ValueError naming what does not fit."""
     from ernie_ref.checkpoint import CheckpointError, TensorReader, checkpoint_dtype, read_config
 
+    if not Path(checkpoint, "config.json").is_file():
+        raise ValueError(f"--checkpoint {checkpoint}: no config.json there")
+    cfg = read_config(checkpoint)
+    fitting = [layout for layout in layouts if layout.problem(cfg) is None]
+    if not fitting:
+        raise ValueError(f"--checkpoint {checkpoint}: no layout of --layouts fits it: {layouts[-1].problem(cfg)}")
+    try:
+        dtype = str(checkpoint_dtype(cfg, TensorReader(checkpoint).dtypes)).removeprefix("torch.")
+    except (CheckpointError, ValueError) as e:
+        raise ValueError(f"--checkpoint {checkpoint}: {e}") from e
+    return fitting, [dtype]
+
+
+@pytest.fixture(scope="session")
+def suite(pytestconfig: pytest.Config, bridge, megatron_runtime, rank_pool) -> SuiteSession:
     from .counterexample import counterexample_dir
 
     checkpoint = pytestconfig.getoption("checkpoint")
     layouts = parse_layouts(pytestconfig.getoption("layouts"), pytestconfig.getoption("max_ranks"))
     dtypes = DTYPE_OPTIONS[pytestconfig.getoption("dtype")]
     if checkpoint is not None:
-        if not Path(checkpoint, "config.json").is_file():
-            raise pytest.UsageError(f"--checkpoint {checkpoint}: no config.json there")
-        cfg = read_config(checkpoint)
-        fitting = [layout for layout in layouts if layout.problem(cfg) is None]
-        if not fitting:
-            raise pytest.UsageError(f"--checkpoint {checkpoint}: no layout of --layouts fits it: {layouts[-1].problem(cfg)}")
-        layouts = fitting
         try:
-            dtypes = [str(checkpoint_dtype(cfg, TensorReader(checkpoint).dtypes)).removeprefix("torch.")]
-        except (CheckpointError, ValueError) as e:
-            raise pytest.UsageError(f"--checkpoint {checkpoint}: {e}") from e
+            layouts, dtypes = checkpoint_layouts_and_dtypes(checkpoint, layouts)
+        except ValueError as e:
+            raise pytest.UsageError(str(e)) from e
     return SuiteSession(
         bridge=bridge,
         bridge_spec=pytestconfig.getoption("bridge") or DEFAULT_BRIDGE,

@@ -97,8 +97,11 @@ class Recorder:
     def note_limits(self, dtype: str, limits: dict[str, Any]) -> None:
         self.tally.limits.setdefault(dtype, limits)
 
-    def note_failure(self, case: Any, failure: Any) -> None:
+    def note_failure(self, case: Any, failure: Any, replayed: bool = False) -> None:
+        """A failing example; `replayed`: one seen before, raised again without running."""
         tally = self.tally
+        if replayed:
+            return
         if tally.first_failure is None:
             tally.valid += 1
             tally.layouts[str(case.layout)] += 1

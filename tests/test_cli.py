@@ -98,7 +98,7 @@ def test_certify_on_a_users_sharded_checkpoint(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     certificate = json.loads((tmp_path / "cert" / "certificate.json").read_text())
     assert certificate["checkpoint"] == "../ckpt" and certificate["conforms"], certificate["checkpoint"]
-    assert set(certificate["tested"]["dtypes"]) == {"float32"}
+    assert set(certificate["tested"]["dtypes"]) == {"float32"} and certificate["requested"]["dtypes"] == ["float32"]
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir())[0] == "config.json", "the checkpoint is untouched"
 
 

@@ -141,3 +141,19 @@ def test_reference_refusal_errors_name_the_corrupted_tensor_or_field(megatron_ru
 
     refusal_names_the_corruption()
     assert not unnamed, f"the reference bridge's refusal did not name: {unnamed}"
+
+
+def test_a_bridge_whose_load_always_raises_fails_every_property(tmp_path: Path) -> None:
+    """What certify says of it: five failures, each the bridge's own error with its traceback, and
+    minimal counterexamples (shrinking is bounded, so this takes seconds per property)."""
+    run = cli("certify", "--bridge", "conformance.mutants:LoadAlwaysRaises", "--out", "cert", "--max-examples", "10",
+              "--jobs", "1", cwd=tmp_path)
+    assert run.returncode == 1, run.stdout + run.stderr
+    c = json.loads((tmp_path / "cert" / "certificate.json").read_text())
+    for prop, entry in c["properties"].items():
+        failure = entry["failure"]
+        assert entry["verdict"] == "fail" and failure["kind"] == "bridge raised", (prop, entry)
+        assert failure["facts"] == {"call": "load", "exception": "ModuleNotFoundError"}, (prop, failure["facts"])
+        assert 'File "conformance/mutants.py"' in failure["traceback"], failure["traceback"]
+        assert entry["shrink_calls"] <= c["profile"]["max_shrinks"], entry
+        assert failure["counterexample"]["config"].startswith("L=1 "), failure["counterexample"]

@@ -68,6 +68,7 @@ def check(prop: str, suite: SuiteSession, case: Case) -> None:
     """
     tally = RECORDER.tally
     failure = tally.failed_cases.get(repr(case))
+    replayed = failure is not None
     if failure is None:
         if tally.failing and tally.shrink_calls >= suite.max_shrinks:
             reject()
@@ -81,7 +82,7 @@ def check(prop: str, suite: SuiteSession, case: Case) -> None:
         else:
             RECORDER.count_valid(case, observed)
             return
-    RECORDER.note_failure(case, failure)
+    RECORDER.note_failure(case, failure, replayed)
     example = Counterexample.from_failure(failure, suite.bridge_spec, suite.bridge_version, RECORDER.test)
     path = example.save(suite.counterexamples)
     RECORDER.tally.counterexample = str(path)
