@@ -12,6 +12,7 @@ import pytest
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
+@pytest.mark.whole_runs
 @pytest.mark.parametrize("script, args, header", [
     ("bench_properties.py", ["--examples", "2"], "| property | examples | seconds | examples/min | peak RSS MB |"),
     ("bench_layouts.py", ["--examples", "1", "--layouts", "tp1-pp1-ep1-vpp1,tp2-pp1-ep1-vpp1"],

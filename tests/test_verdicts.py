@@ -32,6 +32,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=900)
 
 
+@pytest.mark.whole_runs
 def test_a_bridge_that_refuses_almost_everything_does_not_conform(tmp_path: Path) -> None:
     run = cli("certify", "--bridge", "verdict_bridges:RefusesAlmostEverything", "--out", "cert", "--max-examples", "10",
               "--jobs", "1", "--layouts", ONE_RANK, cwd=tmp_path)
@@ -143,6 +144,7 @@ def test_reference_refusal_errors_name_the_corrupted_tensor_or_field(megatron_ru
     assert not unnamed, f"the reference bridge's refusal did not name: {unnamed}"
 
 
+@pytest.mark.whole_runs
 def test_a_bridge_whose_load_always_raises_fails_every_property(tmp_path: Path) -> None:
     """What certify says of it: five failures, each the bridge's own error with its traceback, and a
     counterexample shrunk within the bound on shrinking (so this takes seconds per property)."""
