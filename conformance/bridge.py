@@ -75,6 +75,11 @@ def resolve_bridge(name: str) -> Bridge:
         raise BridgeNotFound(f"--bridge {name!r}: {target}() failed: {type(e).__name__}: {e}") from e
 
 
+def on_ranks(ranks: tuple[int, ...] | list[int]) -> str:
+    """" on rank 1", " on ranks 0, 1", or "" for no ranks (this process): for messages."""
+    return f" on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}" if ranks else ""
+
+
 class BridgeError(Exception):
     """An exception raised by the bridge under test itself: in `call` ("load", "export", the
     "forward" of its model, or "unsupported"), on `ranks` (empty: in this process).
@@ -89,10 +94,9 @@ class BridgeError(Exception):
             call, exception, message, traceback_text, tuple(ranks))
 
     def __str__(self) -> str:
-        where = f" on rank{'s' if len(self.ranks) > 1 else ''} {', '.join(map(str, self.ranks))}" if self.ranks else ""
-        return f"{self.exception} in {self.call}{where}: {self.message}"
+        return f"{self.exception} in {self.call}{on_ranks(self.ranks)}: {self.message}"
 
-    def on_ranks(self, ranks: tuple[int, ...]) -> BridgeError:
+    def with_ranks(self, ranks: tuple[int, ...]) -> BridgeError:
         return BridgeError(self.call, self.exception, self.message, self.traceback_text, ranks)
 
 

@@ -189,7 +189,7 @@ def bridge_failure(failure: Any) -> BridgeError | None:
         if not all(isinstance(e, BridgeError) for e in raised.values()):
             return None
         first = raised[min(raised)]
-        return first.on_ranks(tuple(sorted(raised)))
+        return first.with_ranks(tuple(sorted(raised)))
     missing = list(getattr(failure, "missing", []))
     stacks = {rank: failure.stacks.get(rank, "") for rank in missing}
     if not missing or not all("bridge_call" in stack for stack in stacks.values()):

@@ -22,7 +22,7 @@ import torch
 from ernie_ref import ErnieMoeConfig, ErnieMoeForCausalLM, Trace, random_checkpoint
 from ernie_ref.checkpoint import CONFIG_NAME, TensorReader, iter_tensors, read_config, tensor_shapes
 
-from .bridge import Bridge, BridgeError
+from .bridge import Bridge, BridgeError, on_ranks
 from .cases import Case, Corruption
 from .distributed import INIT_SEEDS, run_on_ranks
 from .hf_transformers import load_transformers_model, run_transformers
@@ -159,17 +159,13 @@ def run_property(prop: str, bridge: Bridge, case: Case) -> dict[str, Any]:
             return _run_checks(prop, bridge, case, hf, workdir / "export") or {}
         except BridgeError as e:
             failure = PropertyFailure(
-                prop, case, f"the bridge raised {e.exception} in {e.call}{_on_ranks(e.ranks)} on a valid checkpoint: "
+                prop, case, f"the bridge raised {e.exception} in {e.call}{on_ranks(e.ranks)} on a valid checkpoint: "
                             f"{_last_line(e.message)}",
                 kind="bridge raised", facts={"call": e.call, "exception": e.exception},
                 evidence={"traceback": e.traceback_text})
             raise _without_scratch(failure, workdir) from e
         except PropertyFailure as failure:
             raise _without_scratch(failure, workdir) from failure.__cause__
-
-
-def _on_ranks(ranks: tuple[int, ...]) -> str:
-    return f" on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}" if ranks else ""
 
 
 def _last_line(text: str) -> str:
@@ -490,7 +486,7 @@ def check_refusal(bridge: Bridge, case: Case, hf_dir: Path, corruption: Corrupti
     answers = run_on_ranks("refuse", bridge, case, hf_dir)
     accepted = [rank for rank, error in enumerate(answers) if error is None]
     if accepted:
-        where = "" if len(answers) == 1 else f" on rank{'s' if len(accepted) > 1 else ''} {', '.join(map(str, accepted))}"
+        where = "" if len(answers) == 1 else on_ranks(accepted)
         raise PropertyFailure("refusal", case, f"load accepted a corrupt checkpoint without error{where}: {corruption}",
                               kind="accepted corruption", facts={"corruption": corruption.kind, "target": corruption.target})
     return {"named": all(corruption.target in error for error in answers)}
