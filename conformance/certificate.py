@@ -27,7 +27,7 @@ from .versions import package_version
 
 __all__ = ["SCHEMA", "build_certificate", "validate", "write_certificate", "plot_stage_errors", "render_markdown"]
 
-SCHEMA = "ernie-conformance/certificate/v2"
+SCHEMA = "ernie-conformance/certificate/v3"
 SCHEMA_FILE = Path(__file__).with_name("certificate.schema.json")
 
 
@@ -132,11 +132,35 @@ def build_certificate(
         "published": published,
         "properties": properties,
         "known_failures": [p for p, e in properties.items() if e["verdict"] == "known failure"],
+        "findings": certificate_findings(results, out_dir),
+        "known_findings": results.get("known_failures"),
         "conforms": all(v == "pass" for v in verdicts) and bool(published)
                     and all(e["verdict"] == "supported" for e in published.values()),
     }
     certificate["headline"] = headline(certificate)
     return certificate
+
+
+def certificate_findings(results: dict[str, Any], out_dir: Path) -> list[dict[str, Any]]:
+    """The session's findings, one per id across properties (`findings.merge_findings`), with
+    paths relative to `out_dir` and whether the known-failures file lists each."""
+    from .findings import merge_findings
+
+    known = results.get("known_failures") or {}
+    new = set(known.get("new", [])) if known else None
+    entries = []
+    for f in merge_findings(results["results"]):
+        files = {prop: relative(path, out_dir) if path else None for prop, path in f["counterexamples"].items()}
+        main = files.get(f["properties"][0])
+        entries.append({
+            "id": f["id"], "summary": f["summary"], "what": f["what"], "kind": f["kind"], "signature": f["signature"], "when": f["when"],
+            "trigger": f["trigger"], "variants": f.get("variants", []), "properties": f["properties"],
+            "hits": f["hits"], "counterexample": main, "counterexamples": files,
+            "replay": replay_command(main) if main else None, "message": f["message"],
+            "stage": f["facts"].get("stage"), "exception": f["facts"].get("exception"),
+            "known": new is not None and f["id"] not in new,
+        })
+    return entries
 
 
 def _not_run() -> dict[str, Any]:
@@ -166,6 +190,8 @@ def headline(c: dict[str, Any]) -> str:
     counts = {v: sum(e["verdict"] == v for e in c["properties"].values())
               for v in ("pass", "fail", "inconclusive", "error", "known failure", "not run")}
     parts = [f"{verdict}: " + ", ".join(f"{n} {v}" for v, n in counts.items() if n) + " of 5 properties"]
+    if c["findings"]:
+        parts.append(f"{len(c['findings'])} distinct finding{'s' if len(c['findings']) != 1 else ''}")
     source = f"the checkpoint {c['checkpoint']}" if c["checkpoint"] else "drawn checkpoints"
     parts.append(f"on {t['examples']} valid examples of {source} "
                  f"({', '.join(f'{n} {d}' for d, n in sorted(t['dtypes'].items())) or 'none'}; "
@@ -287,6 +313,7 @@ def render_markdown(c: dict[str, Any]) -> str:
                   for dtype, limits in t["config_limits"].items()]
     lines += ["", "## Published structures", "", "| structure | verdict | reason |", "|---|---|---|"]
     lines += [f"| {s} | {e['verdict']} | {e['reason']} |" for s, e in c["published"].items()] or ["| (not run) | | |"]
+    lines += findings_markdown(c["findings"])
     lines += ["", "## Verdicts", "",
               "| property | verdict | valid examples | draws | declared unsupported | ties | seconds | why |",
               "|---|---|---:|---:|---:|---:|---:|---|"]
@@ -322,6 +349,29 @@ def render_markdown(c: dict[str, Any]) -> str:
                 lines += ["", "| stage | relative error |", "|---|---:|"]
                 lines += [f"| {s} | {err if isinstance(err, str) else format(err, '.3g')} |" for s, err in f["stage_errors"]]
     return "\n".join(lines) + "\n"
+
+
+def findings_markdown(findings: list[dict[str, Any]]) -> list[str]:
+    """The findings table: one row per distinct defect, then each finding's smallest example."""
+    if not findings:
+        return ["", "## Findings", "", "None: no property failed."]
+    lines = ["", "## Findings", "",
+             f"{len(findings)} distinct defects. A finding's trigger is what its failure needs (each coordinate of "
+             "the shrunk example moved on its own; those whose change cures it are kept); its id is its kind and "
+             "the trigger's fields. Reproduce one from this directory with its replay command.", "",
+             "| id | what fails | when (trigger) | properties (examples hitting it) | known |", "|---|---|---|---|---|"]
+    for f in findings:
+        hits = ", ".join(f"{p} ({n})" for p, n in f["hits"].items())
+        lines.append(f"| `{f['id']}` | {_what_fails(f)} | {f['when']} | {hits} | {'yes' if f['known'] else 'no'} |")
+    for f in findings:
+        lines += ["", f"### `{f['id']}`", "", f"{f['summary']}.", "", "```", f["message"], "```"]
+        if f["replay"]:
+            lines += ["", f"Smallest example: `{f['counterexample']}`; reproduce: `{f['replay']}`"]
+    return lines
+
+
+def _what_fails(f: dict[str, Any]) -> str:
+    return f["what"].replace("|", "\\|")
 
 
 def write_certificate(certificate: dict[str, Any], out_dir: Path) -> None:

@@ -1,8 +1,9 @@
-"""`ernie-conformance` (also `python -m conformance`): certify, replay, bridges.
+"""`ernie-conformance` (also `python -m conformance`): certify, replay, compare, bridges, kill-matrix.
 
     ernie-conformance certify [--bridge NAME] [--profile ci|thorough] [--layouts L,...]
                               [--device cpu] [--out DIR] [--checkpoint DIR] [--xfails-file F]
     ernie-conformance replay FILE
+    ernie-conformance compare OLD NEW [--format text|markdown]
     ernie-conformance bridges
 """
 
@@ -137,12 +138,27 @@ def _certify(args: argparse.Namespace) -> int:
     print(f"  {certificate['headline']}")
     for structure, entry in certificate["published"].items():
         print(f"  {structure:<22} {entry['verdict']}" + (f": {entry['reason']}" if entry["reason"] else ""))
+    for finding in certificate["findings"]:
+        print(f"  finding {finding['id']}: {finding['summary']}"
+              + (f"  (reproduce, in {out}: {finding['replay']})" if finding["replay"] else ""))
     for prop, entry in certificate["properties"].items():
         ce = (entry["failure"] or {}).get("counterexample")
         print(f"  {prop:<12} {entry['verdict']:<13} {entry['examples']} valid examples"
               + (f"  ({entry['why']})" if entry["why"] else "")
               + (f"  (reproduce, in {out}: {ce['replay']})" if ce else ""))
     return 0 if certificate["conforms"] else 1
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import compare, load_certificate, render_markdown, render_text
+
+    try:
+        comparison = compare(load_certificate(args.old), load_certificate(args.new))
+    except ValueError as e:
+        print(f"compare: {e}", file=sys.stderr)
+        return 2
+    print(render_markdown(comparison) if args.format == "markdown" else render_text(comparison), end="")
+    return 1 if comparison.regressed else 0
 
 
 def _kill_matrix(args: argparse.Namespace) -> int:
@@ -192,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                          help="dtype of the drawn checkpoints (default: both)")
     certify.add_argument("--out", default="certificate", help="directory for the certificate (default ./certificate)")
     certify.add_argument("--checkpoint", default=None, help="certify on this HF checkpoint instead of drawn weights")
-    certify.add_argument("--xfails-file", default=None, help="known failures of this bridge (test ids)")
+    certify.add_argument("--xfails-file", default=None, help="known failures of this bridge (finding ids)")
     certify.add_argument("--max-examples", type=int, default=None, help="override the profile's examples per property")
     certify.add_argument("--max-shrinks", type=int, default=None,
                          help="examples run to shrink a failure, at most (default: the profile's)")
@@ -202,6 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     replay = sub.add_parser("replay", help="re-run one saved counterexample exactly")
     replay.add_argument("file")
     replay.set_defaults(run=_replay)
+
+    comparison = sub.add_parser("compare", help="compare two certificates: findings fixed, new and unchanged, "
+                                                 "verdicts changed (exit 1 when NEW has a finding OLD lacks)")
+    comparison.add_argument("old", help="the last release's certificate directory or certificate.json")
+    comparison.add_argument("new", help="the new release's certificate directory or certificate.json")
+    comparison.add_argument("--format", default="text", choices=["text", "markdown"])
+    comparison.set_defaults(run=_compare)
 
     bridges = sub.add_parser("bridges", help="list registered bridges, their versions, and whether each imports")
     bridges.set_defaults(run=_bridges)

@@ -64,11 +64,14 @@ class Counterexample:
     message: str = ""
     evidence: dict[str, Any] = field(default_factory=dict)
     test: str = ""
+    finding: str = ""  # the id of the finding this example is the smallest of (conformance.findings)
+    trigger: str = ""  # that finding's trigger, in words
     schema: str = SCHEMA
     _directory: Path | None = field(default=None, repr=False, compare=False)  # where it was loaded from
 
     @classmethod
-    def from_failure(cls, failure: PropertyFailure, bridge: str, bridge_version: str, test: str = "") -> Counterexample:
+    def from_failure(cls, failure: PropertyFailure, bridge: str, bridge_version: str, test: str = "",
+                     finding: str = "", trigger: str = "") -> Counterexample:
         case = failure.case
         return cls(
             property=failure.prop,
@@ -86,6 +89,8 @@ class Counterexample:
             message=str(failure).split("\n  reproduce with:")[0],
             evidence=_finite(failure.evidence),
             test=test,
+            finding=finding,
+            trigger=trigger,
         )
 
     def checkpoint_path(self) -> Path | None:
@@ -107,9 +112,9 @@ class Counterexample:
         )
 
     def file_name(self) -> str:
-        """Stable for the same bridge and property: each shrink step overwrites the last, so the
-        file that remains is the final, shrunk example."""
-        key = hashlib.sha1(f"{self.bridge}|{self.test or self.property}".encode()).hexdigest()[:8]
+        """Stable for the same bridge, property and finding: a later run of the same search
+        overwrites it."""
+        key = hashlib.sha1(f"{self.bridge}|{self.test or self.property}|{self.finding}".encode()).hexdigest()[:8]
         safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in self.bridge.split(":")[-1])
         return f"{safe}-{self.property}-{key}.json"
 

@@ -62,7 +62,8 @@ def suite_command(bridge: str, props: tuple[str, ...], results: Path, counterexa
         sys.executable, "-m", "pytest", "--pyargs", "conformance.suite", "--bridge", bridge,
         "-k", " or ".join(f"test_{p}" for p in props), f"--hypothesis-profile=ernie-{profile}",
         "--results-json", str(results), "--counterexamples", str(counterexamples),
-        "-p", "no:cacheprovider", "-p", "no:randomly", "-q", "-W", "ignore", *([] if shrink else ["--no-shrink"]), *extra,
+        "-p", "no:cacheprovider", "-p", "no:randomly", "-q", "-W", "ignore", *([] if shrink else ["--no-shrink"]),
+        "--no-triggers", *extra,  # a kill needs the first failure, not every finding
     ]
 
 

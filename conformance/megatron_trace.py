@@ -17,7 +17,7 @@ import torch
 
 from ernie_ref import LayerTrace, RoutingTrace, Trace
 
-from .bridge import bridge_call
+from .bridge import BridgeError, bridge_call
 from .megatron_runtime import causal_mask
 
 __all__ = ["record_forward", "merge_traces", "megatron_trace"]
@@ -25,6 +25,17 @@ __all__ = ["record_forward", "merge_traces", "megatron_trace"]
 
 def _sb_to_bs(x: torch.Tensor) -> torch.Tensor:
     return x.detach().transpose(0, 1).contiguous()  # [S, B, ...] -> [B, S, ...]
+
+
+def _check_hidden(index: int, what: str, x: Any, seq: int, batch: int) -> None:
+    """A layer of the bridge's model must give [S, B, H] activations: anything else is its
+    model's output, not something the trace can compare (seen: megatron-bridge 0.6.2 under
+    tp1-pp2-ep2-vpp2 gave a layer output of shape [1])."""
+    shape = tuple(x.shape) if isinstance(x, torch.Tensor) else None
+    if shape is None or len(shape) != 3 or shape[:2] != (seq, batch):
+        raise BridgeError("forward", "InvalidActivation",
+                          f"layer {index} of the bridge's model gave {what} of shape "
+                          f"{list(shape) if shape is not None else type(x).__name__}, not [S={seq}, B={batch}, H]", "")
 
 
 def _routing(probs: torch.Tensor, routing_map: torch.Tensor, batch: int, seq: int) -> RoutingTrace:
@@ -124,6 +135,8 @@ def record_forward(chunks: list[torch.nn.Module], input_ids: torch.Tensor) -> di
         record["logits"] = logits.detach()  # GPTModel returns [B, S, V] when no labels are given
     for index, slot in layers.items():
         output = slot["output"][0] if isinstance(slot["output"], tuple) else slot["output"]
+        _check_hidden(index, "hidden states", output, S, B)
+        _check_hidden(index, "input of its pre-MLP norm", slot["after_attention"], S, B)
         entry = {"after_attention": _sb_to_bs(slot["after_attention"]), "output": _sb_to_bs(output), "routing": None}
         if "router" in slot:
             probs, routing_map = slot["router"]

@@ -790,3 +790,25 @@ class BiasesDropped(Mutant):
     def read_checkpoint(self, hf_dir):
         cfg, reader = super().read_checkpoint(hf_dir)
         return cfg.replace(use_bias=False), reader
+
+
+# ------------------------------------------------------------------------------ planted defects
+# Bridges with several independent bugs, each with its own trigger: the suite must report each as
+# its own finding (tests/test_findings.py; benchmarks/bench_findings.py). `planted` lists, for each
+# bug, a finding it must produce: (property, kind of failure, a condition of its trigger in words).
+class TwoPlantedDefects(RopeThetaDefault, SharedExpertCountIgnored):
+    """rope-theta-default and shared-expert-count-ignored at once."""
+
+    name = "two-planted-defects"
+    planted = (
+        ("equivalence", "divergence", "rope_theta != 10000"),
+        ("import", "bridge raised", "moe_num_shared_experts != 1"),
+    )
+
+
+class ThreePlantedDefects(RopeThetaDefault, TieAssumed, SharedExpertCountIgnored):
+    """rope-theta-default, tie-assumed and shared-expert-count-ignored at once."""
+
+    name = "three-planted-defects"
+    planted = (*TwoPlantedDefects.planted,
+               ("equivalence", "divergence", "tie_word_embeddings = false"))

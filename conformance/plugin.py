@@ -39,6 +39,8 @@ settings.register_profile("ernie-ci", max_examples=PROFILES["ernie-ci"], derando
 settings.register_profile("ernie-thorough", max_examples=PROFILES["ernie-thorough"], **_COMMON)
 # Examples run after a test's first failure (shrinking it), at most; see suite.drawing.check.
 MAX_SHRINKS = {"ernie-dev": 50, "ernie-ci": 50, "ernie-thorough": 400}
+# Findings searched for per property: after each, the property is searched again without it.
+MAX_FINDINGS = 10
 
 DEFAULT_BRIDGE = "reference"
 # --dtype -> the dtypes drawn, fp32 first so that a failure shrinks towards full precision.
@@ -83,7 +85,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="examples run to shrink a test's first failure, at most (default: the profile's, "
                          + ", ".join(f"{p} {n}" for p, n in MAX_SHRINKS.items()) + ")")
     group.addoption("--xfails-file", default=None,
-                    help="file of test ids expected to fail, one per line (# comments); an unexpected pass fails")
+                    help="known-failures file: finding ids, one per line (# comments). A property whose findings "
+                         "are all listed is a known failure; a finding not listed fails it; a listed finding that "
+                         "no longer reproduces fails the run")
+    group.addoption("--max-findings", type=int, default=None,
+                    help=f"findings searched for per property, at most (default {MAX_FINDINGS}); 1 stops at the first")
+    group.addoption("--no-triggers", action="store_true",
+                    help="stop each property at its first failure without isolating its trigger (one finding, its id "
+                         "ending in @not-isolated): a kill check, not a diagnosis")
     group.addoption("--counterexamples", default=None,
                     help="directory for shrunk counterexamples (default: $ERNIE_CONFORMANCE_COUNTEREXAMPLES "
                          "or ./counterexamples)")
@@ -224,9 +233,25 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ]
 
 
-def _read_xfails(path: str) -> list[str]:
-    lines = Path(path).read_text().splitlines()
-    return [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
+def read_known_findings(path: str | Path) -> dict[str, str]:
+    """The known-failures file: finding id -> its comment (the `#` text on its line, else the
+    comment lines just above it). Test ids are refused: known failures are findings, so that a new
+    defect behind an already failing property still fails the run."""
+    known: dict[str, str] = {}
+    above: list[str] = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        entry, _, comment = line.partition("#")
+        entry = entry.strip()
+        if not entry:
+            above = above + [comment.strip()] if comment.strip() else []
+            continue
+        if "::" in entry or entry.startswith("test_") or "@" not in entry:
+            raise pytest.UsageError(
+                f"{path}:{number}: {entry!r} is not a finding id (such as 'load-raises-valueerror@moe_num_shared_experts'): "
+                "the known-failures file lists findings, not tests; see the findings of a certificate")
+        known[entry] = comment.strip() or " ".join(above)
+        above = []
+    return known
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -237,13 +262,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in suite_items:
         for line in _IGNORED_WARNINGS:
             item.add_marker(pytest.mark.filterwarnings(line))
-    path = config.getoption("xfails_file")
-    if not path:
-        return
-    for expected in _read_xfails(path):
-        for item in suite_items:
-            if item.nodeid == expected or item.nodeid.endswith("/" + expected) or item.name == expected:
-                item.add_marker(pytest.mark.xfail(strict=True, reason=f"listed in {path}"))
 
 
 @pytest.hookimpl(wrapper=True)
@@ -270,11 +288,18 @@ def _status(excinfo: pytest.ExceptionInfo | None) -> tuple[str, str]:
     """(status, why) of a suite test from what it raised: see recorder.verdict_of."""
     from hypothesis.errors import FailedHealthCheck
 
+    from _pytest.outcomes import XFailed
+
     from .properties import PropertyFailure, StructureRefused
+    from .suite.drawing import FindingsFailure
 
     if excinfo is None:
         return "passed", ""
     error = excinfo.value
+    if isinstance(error, XFailed):  # every finding is in the known-failures file
+        return "failed", str(error)
+    if isinstance(error, FindingsFailure):
+        return "failed", ""
     if isinstance(error, Inconclusive):
         return "inconclusive", str(error)
     if isinstance(error, FailedHealthCheck):
@@ -364,19 +389,41 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.section("no verdict earned")
         for r in unearned:
             terminalreporter.write_line(f"{r['test']}: {r['verdict']}: {r['why']}")
-    counterexamples = [r["counterexample"] for r in _SESSION.results if r["counterexample"]]
-    if counterexamples:
-        terminalreporter.section("counterexamples (replay with: ernie-conformance replay FILE)")
-        for path in counterexamples:
-            terminalreporter.write_line(path)
+    from .findings import merge_findings
+
+    findings = merge_findings(_SESSION.results)
+    if findings:
+        known = _known_findings(config)
+        terminalreporter.section(f"findings: {len(findings)} distinct defects (replay with: ernie-conformance replay FILE)")
+        for f in findings:
+            mark = "known" if f["id"] in known else "NEW"
+            terminalreporter.write_line(f"{mark:5} {f['id']}")
+            terminalreporter.write_line(f"      {f['summary']}")
+            terminalreporter.write_line(f"      properties: " + ", ".join(f"{p} ({n} examples)" for p, n in f["hits"].items()))
+            terminalreporter.write_line(f"      smallest example: {f['counterexample']}")
+    if config.getoption("xfails_file", None):
+        report = known_findings_report(config, _SESSION.results)
+        if report["not_reproduced"]:
+            terminalreporter.section("known-failures entries that matched no finding")
+            for entry in report["not_reproduced"]:
+                terminalreporter.write_line(entry + ("" if report["all_properties_ran"]
+                                                     else " (not every property ran: not counted against the run)"))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _STATE["worker"]:  # the controlling process only
+        return
+    known = None
+    if session.config.getoption("xfails_file", None) and _SESSION.results:
+        known = known_findings_report(session.config, _SESSION.results)
+        if known["not_reproduced"] and known["all_properties_ran"]:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED  # strict: a listed finding no longer reproduces
     path = session.config.getoption("results_json", None)
-    if path and not _STATE["worker"]:  # the controlling process only
+    if path:
         Path(path).write_text(json.dumps({
             "profile": _STATE["profile"], "required_examples": suite_settings().max_examples,
-            "max_shrinks": max_shrinks(), "refusals": dict(_SESSION.refusals()), "results": _SESSION.results,
+            "max_shrinks": max_shrinks(), "max_findings": session.config.getoption("max_findings") or MAX_FINDINGS,
+            "refusals": dict(_SESSION.refusals()), "known_failures": known, "results": _SESSION.results,
         }, indent=2))
 
 
@@ -522,4 +569,34 @@ def suite(pytestconfig: pytest.Config, bridge, megatron_runtime, rank_pool) -> S
         checkpoint=Path(checkpoint).resolve() if checkpoint else None,
         dtypes=dtypes,
         max_shrinks=max_shrinks(),
+        max_findings=pytestconfig.getoption("max_findings") or MAX_FINDINGS,
+        known_findings=_known_findings(pytestconfig),
+        isolate_triggers=not pytestconfig.getoption("no_triggers"),
     )
+
+
+def _known_findings(config: pytest.Config) -> dict[str, str]:
+    path = config.getoption("xfails_file", None)
+    return read_known_findings(path) if path else {}
+
+
+def known_findings_report(config: pytest.Config, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the session's findings compare with the known-failures file: the findings it does not
+    list (`new`), and its entries that no finding matched (`not_reproduced`; they fail the run
+    when every property ran, as a fix then shows up)."""
+    from .findings import merge_findings
+    from .properties import PROPERTIES
+
+    known = _known_findings(config)
+    found = {f["id"] for f in merge_findings(results)}
+    ran = {_property_of_id(r["test"]) for r in results if r["verdict"] not in ("error", "not run")}
+    return {
+        "file": config.getoption("xfails_file", None),
+        "new": sorted(found - set(known)),
+        "not_reproduced": sorted(set(known) - found),
+        "all_properties_ran": set(PROPERTIES) <= ran,
+    }
+
+
+def _property_of_id(test_id: str) -> str:
+    return test_id.rsplit("::", 1)[-1].split("[")[0].removeprefix("test_")

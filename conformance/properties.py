@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ernie_ref import ErnieMoeConfig, ErnieMoeForCausalLM, Trace, random_checkpoint
-from ernie_ref.checkpoint import CONFIG_NAME, TensorReader, iter_tensors, read_config, tensor_shapes
+from ernie_ref.checkpoint import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, TensorReader, iter_tensors, read_config, tensor_shapes
 
 from .bridge import Bridge, BridgeError, on_ranks
 from .cases import Case, Corruption
@@ -331,6 +331,9 @@ def check_round_trip(bridge: Bridge, case: Case, hf_dir: Path, out_dir: Path) ->
     if not (out_dir / CONFIG_NAME).is_file():
         raise PropertyFailure("round_trip", case, f"export wrote no {CONFIG_NAME} into {out_dir}",
                               kind="checkpoint differs", facts={"diff": ["config"], "names": [CONFIG_NAME]})
+    if not (out_dir / WEIGHTS_NAME).is_file() and not (out_dir / INDEX_NAME).is_file():
+        raise PropertyFailure("round_trip", case, f"export wrote no weights ({WEIGHTS_NAME} or {INDEX_NAME}) into "
+                              f"{out_dir}", kind="checkpoint differs", facts={"diff": ["missing"], "names": [WEIGHTS_NAME]})
     diff = diff_checkpoints(hf_dir, out_dir)
     if diff:
         raise PropertyFailure("round_trip", case, f"exported checkpoint differs from the original: {diff.summary()}",
@@ -411,10 +414,11 @@ def first_divergence(errors: list[tuple[str, float]], rtol: float = FP32_RTOL) -
     return None
 
 
-def check_equivalence(bridge: Bridge, case: Case, hf_dir: Path) -> None:
+def check_equivalence(bridge: Bridge, case: Case, hf_dir: Path) -> dict[str, Any]:
     """Megatron logits, every layer's hidden states and the routing decisions match the oracle:
     within `FP32_RTOL` for fp32 checkpoints, `BF16_RTOL` for bf16 ones (the model in bf16, the
-    oracle in fp32 on the same weights)."""
+    oracle in fp32 on the same weights). Returns {"stage_errors": ...} (the findings' trigger
+    isolation reads how far below the tolerance a passing example is)."""
     tol: Tolerance = tolerance(case.dtype)
     expected = oracle_trace(case, hf_dir, tol.routing_margin)
     actual = merge_traces(run_on_ranks("trace", bridge, case, hf_dir))
@@ -426,6 +430,7 @@ def check_equivalence(bridge: Bridge, case: Case, hf_dir: Path) -> None:
             kind="divergence", facts={"stage": stage, "stage_kind": stage_kind(stage)},
             evidence={"stage_errors": errors},
         )
+    return {"stage_errors": errors}
 
 
 # ---------------------------------------------------------------------------- 4. interop

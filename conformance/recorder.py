@@ -30,21 +30,20 @@ class Tally:
     refusal_named: Counter[str] = field(default_factory=Counter)  # refusal errors: "named" / "unnamed"
     limits: dict[str, dict[str, Any]] = field(default_factory=dict)  # config limits in force, per dtype
     first_failure: dict[str, float] | None = None  # before shrinking: example number, seconds
-    shrink_calls: int = 0  # examples run after the first failure (shrinking, explaining)
-    failure: dict[str, Any] | None = None  # the last failure's kind, facts and message
-    counterexample: str | None = None
+    shrink_calls: int = 0  # examples run after a round's first failure (shrinking) or to isolate a trigger
+    isolation_calls: int = 0  # of those, moved examples run to isolate triggers
+    rounds: int = 0  # searches run (one more than the findings, unless the cap stopped it)
+    failure: dict[str, Any] | None = None  # the first failure's kind, facts and message
+    counterexample: str | None = None  # the first finding's
+    findings: list[dict[str, Any]] = field(default_factory=list)  # see conformance.findings.Finding.to_json
+    unclassified: int = 0  # failing examples that no finding covers (the search stopped at its cap)
     started: float = field(default_factory=time.perf_counter)
-    failed_cases: dict[str, Any] = field(default_factory=dict, repr=False)  # repr(case) -> PropertyFailure
-
-    @property
-    def failing(self) -> bool:
-        return self.first_failure is not None
 
     def to_json(self) -> dict[str, Any]:
         """The record without what is only needed while the test runs. (Not `asdict`, which
         would rebuild each Counter from its items.)"""
         return {f.name: dict(value) if isinstance(value, Counter) else value
-                for f in fields(self) if f.name not in ("started", "failed_cases")
+                for f in fields(self) if f.name != "started"
                 for value in (getattr(self, f.name),)}
 
 
@@ -77,40 +76,55 @@ class Recorder:
     def count_refusal(self, reason: str) -> None:
         self.tally.refusals[reason] += 1
 
-    def count_tie(self) -> None:
-        if self.tally.failing:
+    # `shrinking`: the example was run to shrink a failure or isolate its trigger, not drawn by the
+    # search; it counts as such, not as a valid example.
+    def count_tie(self, shrinking: bool = False) -> None:
+        if shrinking:
             self.tally.shrink_calls += 1
         else:
             self.tally.ties += 1
 
-    def count_valid(self, case: Any, observed: dict[str, Any]) -> None:
+    def count_valid(self, case: Any, observed: dict[str, Any], shrinking: bool = False) -> None:
         tally = self.tally
-        if tally.failing:
+        if shrinking:
             tally.shrink_calls += 1
             return
+        self._count_example(case)
+        if "named" in observed:
+            tally.refusal_named["named" if observed["named"] else "unnamed"] += 1
+
+    def _count_example(self, case: Any) -> None:
+        tally = self.tally
         tally.valid += 1
         tally.layouts[str(case.layout)] += 1
         tally.dtypes[case.dtype] += 1
-        if "named" in observed:
-            tally.refusal_named["named" if observed["named"] else "unnamed"] += 1
+
+    def count_isolation(self) -> None:
+        self.tally.isolation_calls += 1
+
+    def count_round(self) -> None:
+        self.tally.rounds += 1
 
     def note_limits(self, dtype: str, limits: dict[str, Any]) -> None:
         self.tally.limits.setdefault(dtype, limits)
 
-    def note_failure(self, case: Any, failure: Any, replayed: bool = False) -> None:
-        """A failing example; `replayed`: one seen before, raised again without running."""
+    def note_failure(self, case: Any, failure: Any, shrinking: bool = False) -> None:
+        """A failing example (run once: the search keeps its outcome)."""
         tally = self.tally
-        if replayed:
-            return
-        if tally.first_failure is None:
-            tally.valid += 1
-            tally.layouts[str(case.layout)] += 1
-            tally.dtypes[case.dtype] += 1
-            tally.first_failure = {"example": tally.valid, "seconds": round(time.perf_counter() - tally.started, 3)}
-        else:
+        if shrinking:
             tally.shrink_calls += 1
-        tally.failed_cases[repr(case)] = failure
-        tally.failure = {"kind": failure.kind, "facts": failure.facts, "message": str(failure).split("\n  reproduce with:")[0]}
+        else:
+            self._count_example(case)
+        if tally.first_failure is None:
+            tally.first_failure = {"example": tally.valid, "seconds": round(time.perf_counter() - tally.started, 3)}
+            tally.failure = {"kind": failure.kind, "facts": failure.facts,
+                             "message": str(failure).split("\n  reproduce with:")[0]}
+
+    def note_counterexample(self, path: str) -> None:
+        self.tally.counterexample = path
+
+    def note_findings(self, findings: list[dict[str, Any]], unclassified: int) -> None:
+        self.tally.findings, self.tally.unclassified = findings, unclassified
 
 
 RECORDER = Recorder()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,4 +20,7 @@ class SuiteSession:
     layouts: list
     checkpoint: Path | None
     dtypes: list[str]  # drawn checkpoints' dtypes; a user's checkpoint has its own
-    max_shrinks: int = 50  # examples run after a test's first failure, at most (see suite.drawing.check)
+    max_shrinks: int = 50  # examples run to shrink a round's failure, at most (see suite.drawing.search)
+    max_findings: int = 10  # findings searched for per property, at most
+    isolate_triggers: bool = True  # False (--no-triggers): stop at the first failure, its trigger unknown
+    known_findings: dict[str, str] = field(default_factory=dict)  # finding id -> comment (known-failures file)

@@ -17,7 +17,8 @@ from ernie_ref.layout import Layout
 
 from .cases import Corruption, Inputs
 
-__all__ = ["ConfigLimits", "configs", "layouts", "layer_patterns", "seeds", "inputs", "corruptions"]
+__all__ = ["ConfigLimits", "configs", "layouts", "layer_patterns", "seeds", "inputs", "corruptions", "misshaped",
+           "plausible_extra_tensors", "contradicting_changes"]
 
 
 @dataclass(frozen=True)
@@ -163,27 +164,46 @@ def corruptions(draw: st.DrawFn, cfg: ErnieMoeConfig, config_only: bool = False)
         return Corruption("missing", draw(st.sampled_from(sorted(keys))))
     if kind == "misshaped":
         name = draw(st.sampled_from(sorted(keys)))
-        shape = list(keys[name])
-        dim = draw(st.integers(0, len(shape) - 1))
-        shape[dim] += draw(st.sampled_from([-1, 1])) if shape[dim] > 1 else 1
-        return Corruption("misshaped", name, json.dumps(shape))
+        dim = draw(st.integers(0, len(keys[name]) - 1))
+        return Corruption("misshaped", name, json.dumps(misshaped(keys[name], dim, draw(st.sampled_from([-1, 1])))))
     if kind == "extra":
-        H, L, E = cfg.hidden_size, cfg.num_hidden_layers, cfg.moe_num_experts
-        moe = cfg.moe_layers[0]
-        plausible = {
-            f"model.layers.{L}.input_layernorm.weight": [H],  # one layer too many
-            f"model.layers.{moe}.mlp.experts.{E}.up_proj.weight": [cfg.moe_intermediate_size, H],  # one expert too many
-            "model.layers.0.self_attn.q_proj.bias" if not cfg.use_bias else "model.layers.0.self_attn.q_norm.weight":
-                [cfg.num_attention_heads * cfg.head_dim],
-        }
-        dense = [i for i, t in enumerate(cfg.layer_types) if t == "dense"]
-        if dense:  # router weights on a layer that is dense
-            plausible[f"model.layers.{dense[0]}.mlp.gate.weight"] = [E, H]
+        plausible = plausible_extra_tensors(cfg)
         name = draw(st.sampled_from(sorted(plausible)))
         return Corruption("extra", name, json.dumps(plausible[name]))
-    # Only fields whose change reshapes some tensor: a field that no tensor depends on (the
-    # dense width when every layer is MoE, say) could change without contradicting anything.
-    changes = {
+    changes = contradicting_changes(cfg)
+    name = draw(st.sampled_from(sorted(changes)))
+    return Corruption("config", name, json.dumps(changes[name]))
+
+
+def misshaped(shape: tuple[int, ...], dim: int, delta: int) -> list[int]:
+    """`shape` with dimension `dim` one larger or smaller (never below 1)."""
+    wrong = list(shape)
+    wrong[dim] += delta if wrong[dim] > 1 else 1
+    return wrong
+
+
+def plausible_extra_tensors(cfg: ErnieMoeConfig) -> dict[str, list[int]]:
+    """Tensors a checkpoint of `cfg` must not have, named and shaped as a real one would be."""
+    H, L, E = cfg.hidden_size, cfg.num_hidden_layers, cfg.moe_num_experts
+    moe = cfg.moe_layers[0]
+    plausible = {
+        f"model.layers.{L}.input_layernorm.weight": [H],  # one layer too many
+        f"model.layers.{moe}.mlp.experts.{E}.up_proj.weight": [cfg.moe_intermediate_size, H],  # one expert too many
+        "model.layers.0.self_attn.q_proj.bias" if not cfg.use_bias else "model.layers.0.self_attn.q_norm.weight":
+            [cfg.num_attention_heads * cfg.head_dim],
+    }
+    dense = [i for i, t in enumerate(cfg.layer_types) if t == "dense"]
+    if dense:  # router weights on a layer that is dense
+        plausible[f"model.layers.{dense[0]}.mlp.gate.weight"] = [E, H]
+    return plausible
+
+
+def contradicting_changes(cfg: ErnieMoeConfig) -> dict[str, Any]:
+    """config.json fields of `cfg`, each with a value that contradicts the weights' shapes.
+
+    Only fields whose change reshapes some tensor: a field that no tensor depends on (the dense
+    width when every layer is MoE, say) could change without contradicting anything."""
+    changes: dict[str, Any] = {
         "vocab_size": cfg.vocab_size + 1,
         "moe_intermediate_size": cfg.moe_intermediate_size + 1,
         "moe_num_experts": cfg.moe_num_experts + 1,
@@ -195,5 +215,4 @@ def corruptions(draw: st.DrawFn, cfg: ErnieMoeConfig, config_only: bool = False)
         changes["moe_num_shared_experts"] = cfg.moe_num_shared_experts + 1
     if "dense" in cfg.layer_types:
         changes["intermediate_size"] = cfg.intermediate_size + 1
-    name = draw(st.sampled_from(sorted(changes)))
-    return Corruption("config", name, json.dumps(changes[name]))
+    return changes

@@ -19,6 +19,9 @@ BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
      "| layout | ranks | pool ranks | property | examples | seconds | examples/min |"),
     ("bench_verdicts.py", ["--bridges", "conformance.mutants:LoadAlwaysRaises", "--max-examples", "2"],
      "| bridge | all verdicts s | max shrinks |"),
+    ("bench_findings.py", ["--bridges", "conformance.mutants:LoadAlwaysRaises", "--max-examples", "2", "--jobs", "1",
+                           "--layouts", "tp1-pp1-ep1-vpp1"],
+     "| bridge | seconds to all findings | findings | planted found |"),
 ])
 def test_benchmark_runs(tmp_path: Path, script: str, args: list[str], header: str) -> None:
     run = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=tmp_path, capture_output=True,

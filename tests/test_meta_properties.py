@@ -24,7 +24,7 @@ def run_suite(pytester: pytest.Pytester, bridge: str, test: str, *options: str) 
     return pytester.runpytest_subprocess(
         "--pyargs", "conformance", "--bridge", bridge, "-k", test, "--results-json", str(pytester.path / "results.json"),
         "--counterexamples", str(pytester.path / "counterexamples"),
-        "--hypothesis-profile=ernie-ci", "--no-shrink", "-p", "no:cacheprovider", "-W", "ignore", *options,
+        "--hypothesis-profile=ernie-ci", "--no-shrink", "--no-triggers", "-p", "no:cacheprovider", "-W", "ignore", *options,
     )
 
 

@@ -1,30 +1,39 @@
-"""Drawing one case for the bridge under test, and running a property on it the suite's way."""
+"""Drawing cases for the bridge under test, and searching a property for findings the suite's way."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from hypothesis import reject
+from typing import Any
+
+import pytest
+from hypothesis import given, reject, settings
 from hypothesis import strategies as st
+from hypothesis.errors import FailedHealthCheck, Unsatisfiable
 
 from ernie_ref.checkpoint import read_config
 
 from ..bridge import BridgeError, bridge_call
 from ..cases import Case
 from ..counterexample import Counterexample, replay_command
+from ..findings import UNJUDGED, Finding, MoveContext, Variant, isolate_trigger, same_defect, signature
 from ..numerics import tolerance
 from ..properties import NearTie, PropertyFailure, run_property
 from ..recorder import RECORDER
+from ..plugin import suite_settings
 from ..session import SuiteSession
 from ..strategies import ConfigLimits, configs, corruptions, inputs, seeds
 
 
-def draw_case(data: st.DataObject, suite: SuiteSession, prop: str) -> Case:
+def draw_case(data: st.DataObject, suite: SuiteSession, prop: str, earlier: set[str] | None = None,
+              this_round: set[str] | None = None) -> Case:
     """Draw a layout, the weights' dtype, a config (or read the user's checkpoint), the weights
     seed, inputs and, for the refusal property, a corruption.
 
     A config the bridge declares unsupported is recorded as a declared refusal and the example is
-    rejected: it is not a failure, but it is not a valid example either (see `verdict_of`).
+    rejected: it is not a failure, but it is not a valid example either (see `verdict_of`). A case
+    drawn in an earlier round of the search (`earlier`) is not counted again; each case drawn is
+    added to `this_round`. (Within a round every draw counts, as Hypothesis counts them.)
     """
     layout = data.draw(st.sampled_from(suite.layouts), label="layout")
     dtype = data.draw(st.sampled_from(suite.dtypes), label="dtype")  # a user's checkpoint: its own
@@ -44,7 +53,11 @@ def draw_case(data: st.DataObject, suite: SuiteSession, prop: str) -> Case:
         checkpoint=str(suite.checkpoint) if suite.checkpoint is not None else None,
         dtype=dtype,
     )
-    RECORDER.count_draw()
+    first_draw = earlier is None or repr(case) not in earlier
+    if this_round is not None:
+        this_round.add(repr(case))
+    if first_draw:
+        RECORDER.count_draw()
     try:
         reason = bridge_call("unsupported", suite.bridge.unsupported, cfg)
     except BridgeError as e:
@@ -52,38 +65,176 @@ def draw_case(data: st.DataObject, suite: SuiteSession, prop: str) -> Case:
                               kind="bridge raised", facts={"call": "unsupported", "exception": e.exception},
                               evidence={"traceback": e.traceback_text}) from e
     if reason is not None:
-        RECORDER.count_refusal(reason)
+        if first_draw:
+            RECORDER.count_refusal(reason)
         reject()
     return case
 
 
-def check(prop: str, suite: SuiteSession, case: Case) -> None:
-    """Run `prop` on `case`; on failure save the counterexample and name its replay command.
+class FindingsFailure(AssertionError):
+    """A property does not hold: the findings of its search (`findings`), each with its trigger and
+    counterexample; `new` are those the known-failures file does not list."""
 
-    Shrinking is bounded (`suite.max_shrinks` examples after the first failure): past it, an
-    example that has not failed before is set aside, so Hypothesis ends with the smallest failure
-    found so far, and a failure seen before is raised again without running the bridge (Hypothesis
-    runs its final example once more to report it). A bridge that fails everything thus gets its
-    verdict in seconds, not minutes of shrinking.
-    """
-    tally = RECORDER.tally
-    failure = tally.failed_cases.get(repr(case))
-    replayed = failure is not None
-    if failure is None:
-        if tally.failing and tally.shrink_calls >= suite.max_shrinks:
-            reject()
+    def __init__(self, prop: str, findings: list[Finding], new: list[Finding], unclassified: int = 0):
+        self.prop, self.findings, self.new = prop, findings, new
+        lines = [f"[{prop}] {len(findings)} finding{'s' if len(findings) != 1 else ''}"
+                 + (f", {len(new)} not in the known-failures file" if len(new) != len(findings) else "") + ":"]
+        for finding in findings:
+            mark = "NEW " if finding in new and len(new) != len(findings) else ""
+            lines.append(f"  - {mark}{finding.id}: {finding.summary} ({finding.hits} examples hit it)")
+            lines += ["    " + line for line in (finding.report or finding.message).splitlines()]
+            if finding.counterexample:
+                lines.append(f"    reproduce with: {replay_command(finding.counterexample)}")
+        if unclassified:
+            lines.append(f"  ({unclassified} failing examples matched none of these: the search stopped at "
+                         f"{len(findings)} findings)")
+        super().__init__("\n".join(lines))
+
+
+class _Search:
+    """One property's search for findings: every example run once (a cache by case, across
+    rounds), the findings so far, and the current round's shrinking budget."""
+
+    def __init__(self, prop: str, suite: SuiteSession):
+        self.prop, self.suite = prop, suite
+        self.outcomes: dict[str, Any] = {}  # repr(case) -> observed dict, TIE, or PropertyFailure
+        self.findings: list[Finding] = []
+        # Cases drawn in earlier rounds (a derandomized round replays the last one's draws: they
+        # are not counted again) and in this one.
+        self.earlier: set[str] = set()
+        self.this_round: set[str] = set()
+        self.round_failing = False
+        self.round_shrinks = 0
+
+    def known(self, failure: PropertyFailure) -> Finding | None:
+        return next((f for f in self.findings if f.covers(failure)), None)
+
+    def outcome(self, case: Case, shrinking: bool) -> Any:
+        """The property on `case`, run once; counted as a search or a shrinking example."""
+        key = repr(case)
+        if key in self.outcomes:
+            return self.outcomes[key]
         try:
-            observed = run_property(prop, suite.bridge, case)
+            outcome: Any = run_property(self.prop, self.suite.bridge, case)
         except NearTie:
-            RECORDER.count_tie()
-            reject()
-        except PropertyFailure as found:
-            failure = found
+            outcome = TIE
+            RECORDER.count_tie(shrinking)
+        except PropertyFailure as failure:
+            outcome = failure
+            RECORDER.note_failure(case, failure, shrinking)
         else:
-            RECORDER.count_valid(case, observed)
-            return
-    RECORDER.note_failure(case, failure, replayed)
-    example = Counterexample.from_failure(failure, suite.bridge_spec, suite.bridge_version, RECORDER.test)
-    path = example.save(suite.counterexamples)
-    RECORDER.tally.counterexample = str(path)
-    raise failure.with_replay(replay_command(path))
+            RECORDER.count_valid(case, outcome, shrinking)
+        self.outcomes[key] = outcome
+        return outcome
+
+    def check(self, case: Case) -> None:
+        """Hypothesis' test function of a round: a failure that is not a finding yet fails it."""
+        key = repr(case)
+        if key not in self.outcomes and self.round_failing and self.round_shrinks >= self.suite.max_shrinks:
+            reject()  # past the shrinking budget: Hypothesis ends with the smallest failure so far
+        if key not in self.outcomes and self.round_failing:
+            self.round_shrinks += 1
+        cached = key in self.outcomes
+        outcome = self.outcome(case, shrinking=self.round_failing)
+        if cached and not self.round_failing and key not in self.earlier:
+            # Drawn again in this round (or run first to isolate a trigger): Hypothesis counts the
+            # example, and so does the verdict; a case of an earlier round is not counted twice.
+            if outcome is TIE:
+                RECORDER.count_tie()
+            elif isinstance(outcome, dict):
+                RECORDER.count_valid(case, outcome)
+        if outcome is TIE:
+            reject()
+        if isinstance(outcome, PropertyFailure) and self.known(outcome) is None:
+            self.round_failing = True
+            raise outcome
+
+    def run_moved(self, case: Case) -> Any:
+        """A moved example of trigger isolation: what it observed (a pass), UNJUDGED, or its failure."""
+        try:
+            if bridge_call("unsupported", self.suite.bridge.unsupported, case.config) is not None:
+                return UNJUDGED
+        except BridgeError:
+            return UNJUDGED
+        RECORDER.count_isolation()
+        outcome = self.outcome(case, shrinking=True)
+        if outcome is TIE:
+            return UNJUDGED
+        return outcome
+
+    def add(self, failure: PropertyFailure) -> Finding:
+        """Isolate the trigger of a round's (shrunk) failure and keep it as a finding (or as one
+        more trigger of a finding with the same id)."""
+        sig, trigger, runs = signature(failure), None, 0
+        if self.suite.isolate_triggers:
+            ctx = MoveContext(layouts=tuple(self.suite.layouts), dtypes=tuple(self.suite.dtypes))
+            trigger, runs = isolate_trigger(failure, ctx, self.run_moved)
+            same = next((f for f in self.findings if same_defect(f, sig, trigger, self.prop)), None)
+            if same is not None:
+                same.variants.append(Variant(sig, trigger, failure.facts.get("stage_kind")))
+                return same
+        finding = Finding(prop=self.prop, signature=sig, kind=failure.kind, facts=failure.facts, trigger=trigger,
+                          message=failure.detail, report=str(failure), isolation_runs=runs)
+        example = Counterexample.from_failure(failure, self.suite.bridge_spec, self.suite.bridge_version,
+                                              RECORDER.test, finding=finding.id, trigger=finding.when())
+        path = example.save(self.suite.counterexamples)
+        finding.counterexample = str(path)
+        if not self.findings:  # the first finding stands for the property in reports of one failure
+            RECORDER.note_counterexample(str(path))
+        self.findings.append(finding)
+        return finding
+
+    def count_hits(self) -> int:
+        """Examples that hit each finding; returns how many failing examples hit none."""
+        unclassified = 0
+        for outcome in self.outcomes.values():
+            if isinstance(outcome, PropertyFailure):
+                finding = self.known(outcome)
+                if finding is None:
+                    unclassified += 1
+                else:
+                    finding.hits += 1
+        return unclassified
+
+
+TIE = "tie"
+
+
+def search(prop: str, suite: SuiteSession) -> None:
+    """Search `prop` for findings: run the profile's examples; on a failure, shrink it (bounded),
+    isolate its trigger, and search again with every example a finding covers counted as that
+    finding, until a round finds nothing new (or `suite.max_findings`). Fails with every finding;
+    when the known-failures file lists them all, the test is a known failure."""
+    __tracebackhide__ = True  # the report is the findings, not this function's source
+    state = _Search(prop, suite)
+
+    def one_round(data: st.DataObject) -> None:
+        state.check(draw_case(data, suite, prop, earlier=state.earlier, this_round=state.this_round))
+
+    cap = suite.max_findings if suite.isolate_triggers else 1  # without triggers a finding covers nothing more
+    while len(state.findings) < cap:
+        state.round_failing, state.round_shrinks = False, 0
+        state.earlier |= state.this_round
+        state.this_round = set()
+        # Only the first round uses the example database: it saves the first failure there, and a
+        # later round, which counts that failure as a finding, would delete it as passing.
+        first = {} if not state.findings else {"database": None}
+        try:
+            settings(suite_settings(), report_multiple_bugs=False, **first)(given(data=st.data())(one_round))()
+        except PropertyFailure as failure:
+            state.add(failure)
+            RECORDER.count_round()
+            continue
+        except (FailedHealthCheck, Unsatisfiable):
+            if not state.findings:
+                raise  # no verdict: see plugin._status
+        RECORDER.count_round()
+        break
+    if not state.findings:
+        return
+    unclassified = state.count_hits()
+    RECORDER.note_findings([f.to_json() for f in state.findings], unclassified)
+    new = [f for f in state.findings if f.id not in suite.known_findings]
+    if not new:
+        pytest.xfail("known findings: " + ", ".join(f.id for f in state.findings))
+    raise FindingsFailure(prop, state.findings, new, unclassified)

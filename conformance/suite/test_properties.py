@@ -5,45 +5,32 @@
 3. equivalence  Megatron logits, hidden states and routing match the oracle (fp32, 1e-5)
 4. interop      the export loads in transformers and gives the oracle's logits
 5. refusal      a corrupt checkpoint makes load raise
+
+Each test searches its property for findings (`conformance.suite.drawing.search`): Hypothesis
+draws the examples under the suite's profile (ernie-ci, ...; see conformance.plugin), shrinks a
+failure, and the search isolates its trigger and looks again for defects it does not cover.
 """
 
 from __future__ import annotations
 
-from hypothesis import given
-from hypothesis import strategies as st
-
-from conformance.plugin import suite_settings
-from conformance.suite.drawing import check, draw_case
-
-# The suite's own profile (ernie-ci, ...), applied to its tests alone: see conformance.plugin.
-SETTINGS = suite_settings()
+from conformance.suite.drawing import search
 
 
-@SETTINGS
-@given(data=st.data())
-def test_import(suite, data: st.DataObject) -> None:
-    check("import", suite, draw_case(data, suite, "import"))
+def test_import(suite) -> None:
+    search("import", suite)
 
 
-@SETTINGS
-@given(data=st.data())
-def test_round_trip(suite, data: st.DataObject) -> None:
-    check("round_trip", suite, draw_case(data, suite, "round_trip"))
+def test_round_trip(suite) -> None:
+    search("round_trip", suite)
 
 
-@SETTINGS
-@given(data=st.data())
-def test_equivalence(suite, data: st.DataObject) -> None:
-    check("equivalence", suite, draw_case(data, suite, "equivalence"))
+def test_equivalence(suite) -> None:
+    search("equivalence", suite)
 
 
-@SETTINGS
-@given(data=st.data())
-def test_interop(suite, data: st.DataObject) -> None:
-    check("interop", suite, draw_case(data, suite, "interop"))
+def test_interop(suite) -> None:
+    search("interop", suite)
 
 
-@SETTINGS
-@given(data=st.data())
-def test_refusal(suite, data: st.DataObject) -> None:
-    check("refusal", suite, draw_case(data, suite, "refusal"))
+def test_refusal(suite) -> None:
+    search("refusal", suite)
