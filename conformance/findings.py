@@ -75,6 +75,8 @@ _END = 10**6  # after every layer
 def _stage_position(stage: str) -> tuple[int, int]:
     from .properties import stage_kind
 
+    if stage_kind(stage) == "layer kind":  # the structure is compared before any number
+        return (-2, int(re.match(r"layer (\d+) ", stage).group(1)))
     if stage == "embedding":
         return (-1, 0)
     if stage.startswith("decoder has"):
@@ -332,6 +334,37 @@ def _kv_heads_moves(case: Case, ctx: MoveContext) -> Iterator[tuple[Any, Case]]:
                 yield kv, moved
 
 
+# The MoE layer pattern as a whole: every layer from moe_layer_start_index to the last is MoE
+# (CONTIGUOUS), or not (GAPPED: the end index stops early, or the interval skips layers). A bridge
+# that builds the pattern from the start index alone fails exactly on GAPPED configs, however the gap
+# is made; no single field's move shows that where two fields make gaps.
+PATTERN_FIELDS = ("num_hidden_layers", "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval")
+CONTIGUOUS, GAPPED = "every layer from start to last", "not every layer from start to last"
+
+
+def _pattern_value(case: Case) -> Any:
+    if case.checkpoint is not None:
+        return None
+    cfg = case.config
+    return CONTIGUOUS if cfg.moe_layers == list(range(cfg.moe_layer_start_index, cfg.num_hidden_layers)) else GAPPED
+
+
+def _pattern_moves(case: Case, ctx: MoveContext) -> Iterator[tuple[Any, Case]]:
+    cfg = case.config
+    last = cfg.num_hidden_layers - 1
+    change = ({"moe_layer_end_index": last, "moe_layer_interval": 1} if _pattern_value(case) == GAPPED
+              else {"moe_layer_end_index": last - 1})
+    for moved in _config_moves(case, [change]):
+        if _pattern_value(moved) != _pattern_value(case):
+            yield _pattern_value(moved), moved
+
+
+def _pattern_words(op: str, value: Any) -> str:
+    gapped = (op == "=") == (value == GAPPED)
+    return ("MoE layers not every layer from moe_layer_start_index to the last" if gapped
+            else "MoE layers every layer from moe_layer_start_index to the last")
+
+
 def _end_index_value(case: Case) -> Any:
     if case.checkpoint is not None:
         return None
@@ -504,6 +537,7 @@ def _coordinates() -> dict[str, Coordinate]:
                    lambda case: "last"),
         _field("moe_layer_interval", lambda case, v: [1] if v > 1 else [2], reference=1,
                words=_greater_words("moe_layer_interval", 1)),
+        Coordinate("moe_layer_pattern", _pattern_value, _pattern_moves, _pattern_words, lambda case: CONTIGUOUS),
         *(_layout_coordinate(dim) for dim in ("tp", "pp", "ep", "vpp")),
         Coordinate("dtype", lambda case: case.dtype, _dtype_moves, _dtype_words, lambda case: "float32"),
         _inputs_coordinate("batch"),
@@ -540,20 +574,64 @@ def isolate_trigger(failure: PropertyFailure, ctx: MoveContext,
     """The trigger of `failure` (see the module's docstring) and how many moved examples ran.
     `run(case)` runs the property on a moved example: what it observed (a pass), UNJUDGED or its
     PropertyFailure."""
-    case, conditions, runs = failure.case, [], 0
+    case, runs = failure.case, 0
+    conditions: dict[str, Condition] = {}
+    # Moves of a layer-pattern field that cured and also closed the pattern's gaps (see `_pattern_needs`).
+    closing: dict[str, list[Case]] = {}
+    gapped = _pattern_value(case) == GAPPED
+
+    def judge(moved: Case) -> bool | None:
+        nonlocal runs
+        runs += 1
+        return cure(failure, moved, run(moved))
+
     for coordinate in COORDINATES.values():
         if coordinate.value(case) is None:
             continue
         judged = []
         for alt, moved in coordinate.moves(case, ctx):
-            runs += 1
-            verdict = cure(failure, moved, run(moved))
+            verdict = judge(moved)
+            if verdict and gapped and coordinate.name in PATTERN_FIELDS and _pattern_value(moved) == CONTIGUOUS:
+                closing.setdefault(coordinate.name, []).append(moved)
             if verdict is not None:
                 judged.append((alt, verdict))
         condition = decide(coordinate, case, judged)
         if condition is not None:
-            conditions.append(condition)
-    return Trigger(tuple(conditions)), runs
+            conditions[coordinate.name] = condition
+    if "moe_layer_pattern" in conditions:
+        for name in _pattern_needs(conditions, closing, judge):
+            conditions.pop(name, None)
+    return Trigger(tuple(conditions.values())), runs
+
+
+def _pattern_needs(conditions: dict[str, Condition], closing: dict[str, list[Case]],
+                   judge: Callable[[Case], bool | None]) -> list[str]:
+    """Which conditions to drop when the failure needs the MoE layer pattern to have gaps.
+
+    A move of one pattern field (the end index to the last layer, the interval to 1, ...) that
+    cures may cure because of that field, or only because it also closed the pattern's gaps. Probe
+    each such field at its curing value with a gap made by another field: if a probe still fails,
+    the field was incidental and the gap is the trigger; if every field's probe is cured, the
+    fields are the trigger and the gap condition (which they imply) is dropped."""
+    incidental, specific = [], []
+    for name, moves in closing.items():
+        verdicts = [v for moved in moves for probe in _gaps_elsewhere(moved, name) for v in [judge(probe)]
+                    if v is not None]
+        (specific if verdicts and all(verdicts) else incidental).append(name)
+    return incidental + (["moe_layer_pattern"] if specific else [])
+
+
+def _gaps_elsewhere(moved: Case, name: str) -> Iterator[Case]:
+    """`moved` with a gap in its MoE layer pattern made by a field other than `name`."""
+    cfg = moved.config
+    last = cfg.num_hidden_layers - 1
+    changes = [{"moe_layer_end_index": last - 1}, {"moe_layer_interval": 2, "moe_layer_end_index": last}]
+    field = COORDINATES[name]
+    for change in changes:
+        for probe in _config_moves(moved, [change]):
+            if _pattern_value(probe) == GAPPED and field.value(probe) == field.value(moved):
+                yield probe
+                return
 
 
 # ------------------------------------------------------------------------------ findings
@@ -629,15 +707,19 @@ class Finding:
 
 
 def same_defect(finding: Finding, sig: str, trigger: Trigger, prop: str) -> bool:
-    """Whether a new (signature, trigger) is one more way `finding` shows: the same id, or, for
-    divergences in the same property, nested non-empty trigger fields (a defect whose error is
+    """Whether a new (signature, trigger) is one more way `finding` shows: the same id, or, in the
+    same property, nested non-empty trigger fields with the same signature (a trigger isolated on
+    one example can need one more coordinate than on another: the bf16 router's error shows in
+    the logits only where moe_k > 1) or, for divergences, at another stage (a defect whose error is
     near the tolerance shows first at one stage or at a later one, by the config: rope_theta
     ignored diverges first at attention, or at the experts where attention's error is small)."""
     if finding.trigger is None:
         return False
     if finding_id(sig, trigger) == finding.id:
         return True
-    if finding.kind != "divergence" or not sig.startswith("diverges at") or prop != finding.prop:
+    if prop != finding.prop:
+        return False
+    if sig != finding.signature and not (finding.kind == "divergence" and sig.startswith("diverges at")):
         return False
     ours, theirs = set(finding.trigger.fields), set(trigger.fields)
     return bool(ours) and bool(theirs) and (ours <= theirs or theirs <= ours)

@@ -353,21 +353,24 @@ def oracle_trace(case: Case, hf_dir: Path, routing_margin: float) -> Trace:
 
 
 def stage_errors(actual: Trace, expected: Trace, cfg: ErnieMoeConfig) -> list[tuple[str, float]]:
-    """(stage, relative error) in forward order: embedding; per layer attention, router choice
-    (fraction of tokens routed to other experts), router weights, and output; final norm; logits.
-    A stage whose shapes disagree gets inf; stages after a missing layer are left out."""
+    """(stage, relative error): each layer whose kind (dense or MoE) differs from the oracle's,
+    then in forward order: embedding; per layer attention, router choice (fraction of tokens routed
+    to other experts), router weights, and output; final norm; logits. A stage whose shapes
+    disagree gets inf; stages after a missing layer are left out."""
 
     def err(a: torch.Tensor, e: torch.Tensor) -> float:
         return relative_error(a, e) if a.shape == e.shape else math.inf
 
-    errors = [("embedding", err(actual.embeddings, expected.embeddings))]
+    # The layers' kinds first: a model built with a wrong layer pattern is wrong whatever its numbers,
+    # and a numerical divergence in an earlier layer must not hide it.
+    errors = [(f"layer {i} kind: {'MoE' if a.routing is not None else 'dense'} in the bridge's model, "
+               f"{'MoE' if e.routing is not None else 'dense'} in the oracle", math.inf)
+              for i, (a, e) in enumerate(zip(actual.layers, expected.layers)) if (a.routing is None) != (e.routing is None)]
+    errors.append(("embedding", err(actual.embeddings, expected.embeddings)))
     for i, (a, e) in enumerate(zip(actual.layers, expected.layers)):
         kind = cfg.layer_types[i]
         errors.append((f"layer {i} attention", err(a.after_attention, e.after_attention)))
-        if (a.routing is None) != (e.routing is None):
-            errors.append((f"layer {i} kind: {'MoE' if a.routing is not None else 'dense'} in the bridge's model, "
-                           f"{'MoE' if e.routing is not None else 'dense'} in the oracle", math.inf))
-        elif e.routing is not None:
+        if (a.routing is None) == (e.routing is None) and e.routing is not None:
             ours, theirs = a.routing.expert_ids.sort(-1).values, e.routing.expert_ids.sort(-1).values
             if ours.shape != theirs.shape:
                 errors.append((f"layer {i} router choice: {ours.shape[-1]} experts per token, "

@@ -30,8 +30,8 @@ class Tally:
     refusal_named: Counter[str] = field(default_factory=Counter)  # refusal errors: "named" / "unnamed"
     limits: dict[str, dict[str, Any]] = field(default_factory=dict)  # config limits in force, per dtype
     first_failure: dict[str, float] | None = None  # before shrinking: example number, seconds
-    shrink_calls: int = 0  # examples run after a round's first failure (shrinking) or to isolate a trigger
-    isolation_calls: int = 0  # of those, moved examples run to isolate triggers
+    shrink_calls: int = 0  # examples run after a round's first failure (shrinking)
+    isolation_calls: int = 0  # moved examples run to isolate triggers (counted apart from shrinking)
     rounds: int = 0  # searches run (one more than the findings, unless the cap stopped it)
     failure: dict[str, Any] | None = None  # the first failure's kind, facts and message
     counterexample: str | None = None  # the first finding's
@@ -76,16 +76,21 @@ class Recorder:
     def count_refusal(self, reason: str) -> None:
         self.tally.refusals[reason] += 1
 
-    # `shrinking`: the example was run to shrink a failure or isolate its trigger, not drawn by the
-    # search; it counts as such, not as a valid example.
-    def count_tie(self, shrinking: bool = False) -> None:
+    # `shrinking`: the example was run to shrink a failure, not drawn by the search; it counts as
+    # such, not as a valid example. `isolating`: a moved example of trigger isolation, counted by
+    # count_isolation alone.
+    def count_tie(self, shrinking: bool = False, isolating: bool = False) -> None:
+        if isolating:
+            return
         if shrinking:
             self.tally.shrink_calls += 1
         else:
             self.tally.ties += 1
 
-    def count_valid(self, case: Any, observed: dict[str, Any], shrinking: bool = False) -> None:
+    def count_valid(self, case: Any, observed: dict[str, Any], shrinking: bool = False, isolating: bool = False) -> None:
         tally = self.tally
+        if isolating:
+            return
         if shrinking:
             tally.shrink_calls += 1
             return
@@ -108,9 +113,11 @@ class Recorder:
     def note_limits(self, dtype: str, limits: dict[str, Any]) -> None:
         self.tally.limits.setdefault(dtype, limits)
 
-    def note_failure(self, case: Any, failure: Any, shrinking: bool = False) -> None:
+    def note_failure(self, case: Any, failure: Any, shrinking: bool = False, isolating: bool = False) -> None:
         """A failing example (run once: the search keeps its outcome)."""
         tally = self.tally
+        if isolating:
+            return
         if shrinking:
             tally.shrink_calls += 1
         else:

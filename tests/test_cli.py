@@ -27,6 +27,7 @@ def cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.whole_runs
 def test_certify_reference_conforms(tmp_path: Path) -> None:
     run = cli("certify", "--out", "cert", *SMALL, cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -56,12 +57,14 @@ def assert_no_absolute_paths(cert: Path, root: Path) -> None:
             f"{[line for line in text.splitlines() if str(root.resolve()) in line or '/tmp/' in line][:3]}")
 
 
+@pytest.mark.whole_runs
 def test_no_arguments_certifies_the_reference_bridge(tmp_path: Path) -> None:
     run = cli(cwd=tmp_path)  # no arguments at all: the reference bridge, ci profile, into ./certificate
     assert run.returncode == 0, run.stdout + run.stderr
     assert json.loads((tmp_path / "certificate" / "certificate.json").read_text())["bridge"]["spec"] == "reference"
 
 
+@pytest.mark.whole_runs
 def test_certify_broken_bridge_fails_and_replay_reproduces(tmp_path: Path) -> None:
     run = cli("certify", "--bridge", "conformance.mutants:ExpertBiasWeighsExperts", "--out", "cert", *SMALL, cwd=tmp_path)
     assert run.returncode == 1, run.stdout + run.stderr
@@ -87,6 +90,7 @@ def test_certify_broken_bridge_fails_and_replay_reproduces(tmp_path: Path) -> No
     assert replay.returncode == 0 and "PASSES now" in replay.stdout, replay.stdout + replay.stderr
 
 
+@pytest.mark.whole_runs
 def test_certify_on_a_users_sharded_checkpoint(tmp_path: Path) -> None:
     cfg = ErnieMoeConfig.from_hf(dict(
         vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
@@ -102,6 +106,7 @@ def test_certify_on_a_users_sharded_checkpoint(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir())[0] == "config.json", "the checkpoint is untouched"
 
 
+@pytest.mark.whole_runs
 def test_certify_on_a_checkpoint_the_bridge_gets_wrong(tmp_path: Path) -> None:
     cfg = ErnieMoeConfig.from_hf(dict(
         vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,

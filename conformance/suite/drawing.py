@@ -109,8 +109,8 @@ class _Search:
     def known(self, failure: PropertyFailure) -> Finding | None:
         return next((f for f in self.findings if f.covers(failure)), None)
 
-    def outcome(self, case: Case, shrinking: bool) -> Any:
-        """The property on `case`, run once; counted as a search or a shrinking example."""
+    def outcome(self, case: Case, shrinking: bool, isolating: bool = False) -> Any:
+        """The property on `case`, run once; counted as a search, shrinking or isolation example."""
         key = repr(case)
         if key in self.outcomes:
             return self.outcomes[key]
@@ -118,12 +118,12 @@ class _Search:
             outcome: Any = run_property(self.prop, self.suite.bridge, case)
         except NearTie:
             outcome = TIE
-            RECORDER.count_tie(shrinking)
+            RECORDER.count_tie(shrinking, isolating)
         except PropertyFailure as failure:
             outcome = failure
-            RECORDER.note_failure(case, failure, shrinking)
+            RECORDER.note_failure(case, failure, shrinking, isolating)
         else:
-            RECORDER.count_valid(case, outcome, shrinking)
+            RECORDER.count_valid(case, outcome, shrinking, isolating)
         self.outcomes[key] = outcome
         return outcome
 
@@ -157,7 +157,7 @@ class _Search:
         except BridgeError:
             return UNJUDGED
         RECORDER.count_isolation()
-        outcome = self.outcome(case, shrinking=True)
+        outcome = self.outcome(case, shrinking=False, isolating=True)
         if outcome is TIE:
             return UNJUDGED
         return outcome
