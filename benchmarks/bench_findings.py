@@ -61,13 +61,13 @@ def main() -> None:
         findings = certificate["findings"]
         found, planted = planted_found(bridge, findings)
         props = certificate["properties"]
-        cells = [f"{props[p]['duration_s']:.0f}s ({props[p]['shrink_calls']})" if p in props else "not run"
-                 for p in PROPERTIES]
+        cells = [f"{props[p]['duration_s']:.0f}s ({props[p]['shrink_calls']} + {props[p].get('isolation_calls', 0)})"
+                 if p in props else "not run" for p in PROPERTIES]
         rows.append((bridge.split(":")[-1], wall, len(findings), f"{found}/{planted}", cells))
         for f in findings:
             print(f"  {bridge.split(':')[-1]}: {f['id']}: {f['summary']}", file=sys.stderr)
     print(f"profile ernie-{args.profile}, {args.jobs} processes; a property's cell: seconds "
-          "(examples run to shrink failures and isolate triggers)")
+          "(examples run to shrink failures + moved examples run to isolate triggers)")
     print("| bridge | seconds to all findings | findings | planted found | import | round_trip | equivalence "
           "| interop | refusal |")
     print("|---|---:|---:|---:|---|---|---|---|---|")

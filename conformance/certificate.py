@@ -89,6 +89,7 @@ def build_certificate(
             "layouts": record.get("layouts", {}),
             "dtypes": record.get("dtypes", {}),
             "shrink_calls": record.get("shrink_calls", 0),
+            "isolation_calls": record.get("isolation_calls", 0),
             "duration_s": result["duration_s"],
             "failure": None,
         }
@@ -165,7 +166,7 @@ def certificate_findings(results: dict[str, Any], out_dir: Path) -> list[dict[st
 
 def _not_run() -> dict[str, Any]:
     return {"verdict": "not run", "why": "", "examples": 0, "draws": 0, "ties": 0, "refusals": {}, "layouts": {},
-            "dtypes": {}, "shrink_calls": 0, "duration_s": 0.0, "failure": None}
+            "dtypes": {}, "shrink_calls": 0, "isolation_calls": 0, "duration_s": 0.0, "failure": None}
 
 
 def _summed(counters: Any) -> Counter[str]:

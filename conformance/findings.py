@@ -95,6 +95,9 @@ def progress(failure: PropertyFailure) -> tuple[int, int, int]:
         return (_CALL_ORDER.get(failure.facts.get("call", ""), 1), 0, 0)
     if failure.kind == "divergence":
         return (_KIND_ORDER["divergence"], *_stage_position(failure.facts.get("stage", "")))
+    if failure.kind == "checkpoint differs":  # files written at all, then their contents
+        wrote_nothing = any(d.startswith("no ") for d in failure.facts.get("diff", []))
+        return (_KIND_ORDER["checkpoint differs"], 0 if wrote_nothing else 1, 0)
     return (_KIND_ORDER.get(failure.kind, 5), 0, 0)
 
 

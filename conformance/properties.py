@@ -330,10 +330,10 @@ def check_round_trip(bridge: Bridge, case: Case, hf_dir: Path, out_dir: Path) ->
     run_on_ranks("export", bridge, case, hf_dir, out_dir)
     if not (out_dir / CONFIG_NAME).is_file():
         raise PropertyFailure("round_trip", case, f"export wrote no {CONFIG_NAME} into {out_dir}",
-                              kind="checkpoint differs", facts={"diff": ["config"], "names": [CONFIG_NAME]})
+                              kind="checkpoint differs", facts={"diff": ["no config file"], "names": [CONFIG_NAME]})
     if not (out_dir / WEIGHTS_NAME).is_file() and not (out_dir / INDEX_NAME).is_file():
         raise PropertyFailure("round_trip", case, f"export wrote no weights ({WEIGHTS_NAME} or {INDEX_NAME}) into "
-                              f"{out_dir}", kind="checkpoint differs", facts={"diff": ["missing"], "names": [WEIGHTS_NAME]})
+                              f"{out_dir}", kind="checkpoint differs", facts={"diff": ["no weights file"], "names": [WEIGHTS_NAME]})
     diff = diff_checkpoints(hf_dir, out_dir)
     if diff:
         raise PropertyFailure("round_trip", case, f"exported checkpoint differs from the original: {diff.summary()}",

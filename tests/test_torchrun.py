@@ -86,7 +86,7 @@ def test_bridge_wrong_only_on_several_ranks_fails_round_trip(tmp_path: Path) -> 
     # Right in one process: only because every example runs on 2 ranks here is it caught, even
     # with a one-rank layout. Equivalence does not export, passes, and runs after the failure.
     run = torchrun_suite(tmp_path, "--bridge", "torchrun_bridges:CorruptsExportWhenDistributed",
-                         "--layouts", "tp1-pp1-ep1-vpp1", "--max-examples", "3", "--no-shrink",
+                         "--layouts", "tp1-pp1-ep1-vpp1", "--max-examples", "3", "--no-shrink", "--no-triggers",
                          "-k", "round_trip or equivalence", "--results-json", str(tmp_path / "results.json"))
     assert run.returncode != 0
     results = results_by_test(tmp_path / "results.json")
@@ -98,7 +98,7 @@ def test_bridge_wrong_only_on_several_ranks_fails_round_trip(tmp_path: Path) -> 
 
 def test_error_on_rank_1_fails_the_example_with_its_traceback_and_the_run_goes_on(tmp_path: Path) -> None:
     run = torchrun_suite(tmp_path, "--bridge", "torchrun_bridges:LoadRaisesOnRank1",
-                         "--layouts", "tp1-pp1-ep1-vpp1,tp2-pp1-ep1-vpp1", "--max-examples", "3", "--no-shrink",
+                         "--layouts", "tp1-pp1-ep1-vpp1,tp2-pp1-ep1-vpp1", "--max-examples", "3", "--no-shrink", "--no-triggers",
                          "-k", "round_trip or equivalence", "--results-json", str(tmp_path / "results.json"))
     assert run.returncode != 0
     results = results_by_test(tmp_path / "results.json")
@@ -112,7 +112,7 @@ def test_error_on_rank_1_fails_the_example_with_its_traceback_and_the_run_goes_o
 
 def test_error_raised_alike_on_every_rank_is_reported_once_for_all(tmp_path: Path) -> None:
     run = torchrun_suite(tmp_path, "--bridge", "torchrun_bridges:ExportRaisesOnEveryRank",
-                         "--layouts", "tp1-pp1-ep1-vpp1,tp2-pp1-ep1-vpp1", "--max-examples", "3", "--no-shrink",
+                         "--layouts", "tp1-pp1-ep1-vpp1,tp2-pp1-ep1-vpp1", "--max-examples", "3", "--no-shrink", "--no-triggers",
                          "-k", "round_trip or equivalence", "--results-json", str(tmp_path / "results.json"))
     assert run.returncode != 0
     results = results_by_test(tmp_path / "results.json")

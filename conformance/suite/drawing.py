@@ -184,6 +184,11 @@ class _Search:
         self.findings.append(finding)
         return finding
 
+    def uncovered(self) -> PropertyFailure | None:
+        """The first failing example run so far that no finding covers."""
+        return next((o for o in self.outcomes.values() if isinstance(o, PropertyFailure) and self.known(o) is None),
+                    None)
+
     def count_hits(self) -> int:
         """Examples that hit each finding; returns how many failing examples hit none."""
         unclassified = 0
@@ -203,7 +208,8 @@ TIE = "tie"
 def search(prop: str, suite: SuiteSession) -> None:
     """Search `prop` for findings: run the profile's examples; on a failure, shrink it (bounded),
     isolate its trigger, and search again with every example a finding covers counted as that
-    finding, until a round finds nothing new (or `suite.max_findings`). Fails with every finding;
+    finding, until a round finds nothing new (or `suite.max_findings`); then each failing example
+    that shrinking or isolation ran and no finding covers is a finding too. Fails with every finding;
     when the known-failures file lists them all, the test is a known failure."""
     __tracebackhide__ = True  # the report is the findings, not this function's source
     state = _Search(prop, suite)
@@ -219,17 +225,25 @@ def search(prop: str, suite: SuiteSession) -> None:
         # Only the first round uses the example database: it saves the first failure there, and a
         # later round, which counts that failure as a finding, would delete it as passing.
         first = {} if not state.findings else {"database": None}
+        found: PropertyFailure | None = None
         try:
             settings(suite_settings(), report_multiple_bugs=False, **first)(given(data=st.data())(one_round))()
         except PropertyFailure as failure:
-            state.add(failure)
-            RECORDER.count_round()
-            continue
+            found = failure
         except (FailedHealthCheck, Unsatisfiable):
             if not state.findings:
                 raise  # no verdict: see plugin._status
         RECORDER.count_round()
-        break
+        if found is None:
+            break
+        # Outside the except block: an exception the bridge raises while the trigger is isolated
+        # must not carry Hypothesis' report of this failure as its context.
+        state.add(found)
+    # Failing examples that shrinking or trigger isolation ran (valid examples of the suite's space,
+    # already small) and that no finding covers: another defect, which the rounds' draws did not
+    # reach. Each becomes a finding of its own, in the order it was seen.
+    while state.findings and len(state.findings) < cap and (leftover := state.uncovered()) is not None:
+        state.add(leftover)
     if not state.findings:
         return
     unclassified = state.count_hits()
