@@ -5,7 +5,9 @@ suite reduces a (shrunk) failing example to its **trigger**: it moves each coord
 example (a config field, a layout dimension, the dtype, the input shape, the corruption) on its
 own to other valid values, runs the property again, and keeps the coordinates whose change cures
 the failure. A trigger reads in words (`moe_num_shared_experts = 0`, `rope_theta != 500000`,
-`tp > 1`, `bf16 checkpoint`, `missing routed-expert tensor`).
+`tp > 1`, `bf16 checkpoint`, `missing routed-expert tensor`). The MoE layer pattern is a
+coordinate as a whole too (every layer from the start index to the last is MoE, or not), so that
+a defect of the pattern reads as one trigger however the gap is made (`_pattern_conditions_to_drop`).
 
 What "cures" means, exactly (`cure`): the moved example passes, or it fails later than the
 original did (a divergence at a later stage, a crash in export instead of load). A moved example
@@ -579,7 +581,8 @@ def isolate_trigger(failure: PropertyFailure, ctx: MoveContext,
     PropertyFailure."""
     case, runs = failure.case, 0
     conditions: dict[str, Condition] = {}
-    # Moves of a layer-pattern field that cured and also closed the pattern's gaps (see `_pattern_needs`).
+    # Moves of a layer-pattern field that cured and also closed the pattern's gaps
+    # (see `_pattern_conditions_to_drop`).
     closing: dict[str, list[Case]] = {}
     gapped = _pattern_value(case) == GAPPED
 
@@ -602,13 +605,12 @@ def isolate_trigger(failure: PropertyFailure, ctx: MoveContext,
         if condition is not None:
             conditions[coordinate.name] = condition
     if "moe_layer_pattern" in conditions:
-        for name in _pattern_needs(conditions, closing, judge):
+        for name in _pattern_conditions_to_drop(closing, judge):
             conditions.pop(name, None)
     return Trigger(tuple(conditions.values())), runs
 
 
-def _pattern_needs(conditions: dict[str, Condition], closing: dict[str, list[Case]],
-                   judge: Callable[[Case], bool | None]) -> list[str]:
+def _pattern_conditions_to_drop(closing: dict[str, list[Case]], judge: Callable[[Case], bool | None]) -> list[str]:
     """Which conditions to drop when the failure needs the MoE layer pattern to have gaps.
 
     A move of one pattern field (the end index to the last layer, the interval to 1, ...) that
@@ -618,23 +620,22 @@ def _pattern_needs(conditions: dict[str, Condition], closing: dict[str, list[Cas
     fields are the trigger and the gap condition (which they imply) is dropped."""
     incidental, specific = [], []
     for name, moves in closing.items():
-        verdicts = [v for moved in moves for probe in _gaps_elsewhere(moved, name) for v in [judge(probe)]
-                    if v is not None]
+        probes = [probe for moved in moves if (probe := _gap_elsewhere(moved, name)) is not None]
+        verdicts = [v for v in map(judge, probes) if v is not None]
         (specific if verdicts and all(verdicts) else incidental).append(name)
     return incidental + (["moe_layer_pattern"] if specific else [])
 
 
-def _gaps_elsewhere(moved: Case, name: str) -> Iterator[Case]:
-    """`moved` with a gap in its MoE layer pattern made by a field other than `name`."""
-    cfg = moved.config
-    last = cfg.num_hidden_layers - 1
-    changes = [{"moe_layer_end_index": last - 1}, {"moe_layer_interval": 2, "moe_layer_end_index": last}]
+def _gap_elsewhere(moved: Case, name: str) -> Case | None:
+    """`moved` with a gap in its MoE layer pattern made by a field other than `name` (None if no
+    valid example has one)."""
+    last = moved.config.num_hidden_layers - 1
     field = COORDINATES[name]
-    for change in changes:
+    for change in ({"moe_layer_end_index": last - 1}, {"moe_layer_interval": 2, "moe_layer_end_index": last}):
         for probe in _config_moves(moved, [change]):
             if _pattern_value(probe) == GAPPED and field.value(probe) == field.value(moved):
-                yield probe
-                return
+                return probe
+    return None
 
 
 # ------------------------------------------------------------------------------ findings
