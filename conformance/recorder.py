@@ -77,20 +77,16 @@ class Recorder:
         self.tally.refusals[reason] += 1
 
     # `shrinking`: the example was run to shrink a failure, not drawn by the search; it counts as
-    # such, not as a valid example. `isolating`: a moved example of trigger isolation, counted by
-    # count_isolation alone.
-    def count_tie(self, shrinking: bool = False, isolating: bool = False) -> None:
-        if isolating:
-            return
+    # such, not as a valid example. (A moved example of trigger isolation counts by count_isolation
+    # alone.)
+    def count_tie(self, shrinking: bool = False) -> None:
         if shrinking:
             self.tally.shrink_calls += 1
         else:
             self.tally.ties += 1
 
-    def count_valid(self, case: Any, observed: dict[str, Any], shrinking: bool = False, isolating: bool = False) -> None:
+    def count_valid(self, case: Any, observed: dict[str, Any], shrinking: bool = False) -> None:
         tally = self.tally
-        if isolating:
-            return
         if shrinking:
             tally.shrink_calls += 1
             return
@@ -113,11 +109,9 @@ class Recorder:
     def note_limits(self, dtype: str, limits: dict[str, Any]) -> None:
         self.tally.limits.setdefault(dtype, limits)
 
-    def note_failure(self, case: Any, failure: Any, shrinking: bool = False, isolating: bool = False) -> None:
+    def note_failure(self, case: Any, failure: Any, shrinking: bool = False) -> None:
         """A failing example (run once: the search keeps its outcome)."""
         tally = self.tally
-        if isolating:
-            return
         if shrinking:
             tally.shrink_calls += 1
         else:

@@ -118,12 +118,15 @@ class _Search:
             outcome: Any = run_property(self.prop, self.suite.bridge, case)
         except NearTie:
             outcome = TIE
-            RECORDER.count_tie(shrinking, isolating)
         except PropertyFailure as failure:
             outcome = failure
-            RECORDER.note_failure(case, failure, shrinking, isolating)
-        else:
-            RECORDER.count_valid(case, outcome, shrinking, isolating)
+        if not isolating:  # a moved example of trigger isolation counts by RECORDER.count_isolation alone
+            if outcome is TIE:
+                RECORDER.count_tie(shrinking)
+            elif isinstance(outcome, PropertyFailure):
+                RECORDER.note_failure(case, outcome, shrinking)
+            else:
+                RECORDER.count_valid(case, outcome, shrinking)
         self.outcomes[key] = outcome
         return outcome
 
