@@ -188,6 +188,18 @@ def test_a_crash_is_cured_by_a_pass_or_a_later_failure_not_an_earlier_one() -> N
     assert cure(original, moved, differs) is True
 
 
+def test_an_export_that_writes_files_cures_one_that_wrote_no_weights() -> None:
+    """round_trip checks that export wrote its files before it compares their contents: a moved
+    example whose export differs only in a dtype got past the original's failure (Megatron-Bridge
+    0.5.1 writes no weights with use_bias; its bf16 router dtype must not hide that trigger)."""
+    original = PropertyFailure("round_trip", small_case(use_bias=True), "export wrote no weights",
+                               kind="checkpoint differs", facts={"diff": ["no weights file"]})
+    moved = small_case()
+    dtype = PropertyFailure("round_trip", moved, "differs", kind="checkpoint differs", facts={"diff": ["dtype"]})
+    assert cure(original, moved, dtype) is True
+    assert cure(dtype, moved, original) is None, "wrote nothing: earlier than the original's content check"
+
+
 # ------------------------------------------------------------------------------ ids and merging
 def test_ids_name_the_kind_and_the_trigger_fields_not_their_values() -> None:
     zero = Trigger((Condition("moe_num_shared_experts", "=", 0),))
