@@ -64,7 +64,7 @@ def run_property(name: str, suite, examples: int) -> tuple[int, float]:
         case = draw_case(data, suite, name)
         try:
             properties.run_property(name, suite.bridge, case)
-        except properties.NearTie:
+        except properties.SetAside:
             reject()
         except properties.PropertyFailure as failure:  # counted and shown, not a reason to stop measuring
             counts["failures"] += 1

@@ -21,7 +21,7 @@ from ernie_ref import ErnieMoeConfig
 from ernie_ref.layout import Layout
 
 from .counterexample import Counterexample, replay_command
-from .numerics import FP32_RTOL, tolerance
+from .numerics import FP32_CONDITION_SHARE, FP32_RTOL, tolerance
 from .properties import PROPERTIES
 from .versions import package_version
 
@@ -85,6 +85,7 @@ def build_certificate(
             "examples": record.get("valid", 0),
             "draws": record.get("draws", 0),
             "ties": record.get("ties", 0),
+            "ill_conditioned": record.get("ill_conditioned", 0),
             "refusals": record.get("refusals", {}),
             "layouts": record.get("layouts", {}),
             "dtypes": record.get("dtypes", {}),
@@ -122,6 +123,7 @@ def build_certificate(
             "examples": sum(r.get("valid", 0) for r in records),
             "draws": draws,
             "ties": sum(r.get("ties", 0) for r in records),
+            "ill_conditioned": sum(r.get("ill_conditioned", 0) for r in records),
             "declared_unsupported": sum(refusals.values()),
             "layouts": dict(_summed(r.get("layouts", {}) for r in records)),
             "dtypes": dict(_summed(r.get("dtypes", {}) for r in records)),
@@ -165,7 +167,7 @@ def certificate_findings(results: dict[str, Any], out_dir: Path) -> list[dict[st
 
 
 def _not_run() -> dict[str, Any]:
-    return {"verdict": "not run", "why": "", "examples": 0, "draws": 0, "ties": 0, "refusals": {}, "layouts": {},
+    return {"verdict": "not run", "why": "", "examples": 0, "draws": 0, "ties": 0, "ill_conditioned": 0, "refusals": {}, "layouts": {},
             "dtypes": {}, "shrink_calls": 0, "isolation_calls": 0, "duration_s": 0.0, "failure": None}
 
 
@@ -303,7 +305,9 @@ def render_markdown(c: dict[str, Any]) -> str:
     ]
     lines += ["", "## What was tested", "",
               f"{t['examples']} valid examples over the five properties, from {t['draws']} draws: "
-              f"{t['declared_unsupported']} declared unsupported by the bridge, {t['ties']} set aside as routing ties.",
+              f"{t['declared_unsupported']} declared unsupported by the bridge, {t['ties']} set aside as routing ties, "
+              f"{t.get('ill_conditioned', 0)} set aside as ill-conditioned (the fp32 oracle differs from float64 by "
+              f"more than {FP32_CONDITION_SHARE:g} x {FP32_RTOL:g}).",
               "", "| valid examples per layout | |", "|---|---:|"]
     lines += [f"| {layout} | {n} |" for layout, n in sorted(t["layouts"].items())]
     lines += ["", "| valid examples per checkpoint dtype | |", "|---|---:|"]
@@ -316,11 +320,11 @@ def render_markdown(c: dict[str, Any]) -> str:
     lines += [f"| {s} | {e['verdict']} | {e['reason']} |" for s, e in c["published"].items()] or ["| (not run) | | |"]
     lines += findings_markdown(c["findings"])
     lines += ["", "## Verdicts", "",
-              "| property | verdict | valid examples | draws | declared unsupported | ties | seconds | why |",
-              "|---|---|---:|---:|---:|---:|---:|---|"]
+              "| property | verdict | valid examples | draws | declared unsupported | ties | ill-conditioned | seconds | why |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for prop, e in c["properties"].items():
         lines.append(f"| {prop} | {e['verdict']} | {e['examples']} | {e['draws']} | {sum(e['refusals'].values())} | "
-                     f"{e['ties']} | {e['duration_s']:.1f} | {e['why']} |")
+                     f"{e['ties']} | {e.get('ill_conditioned', 0)} | {e['duration_s']:.1f} | {e['why']} |")
     named = c["properties"]["refusal"].get("errors_naming_the_corruption")
     if named:
         lines += ["", f"Refusal errors that name the corrupted tensor or field: {named['named']} of "

@@ -42,7 +42,7 @@ def _replay(args: argparse.Namespace) -> int:
     from .bridge import resolve_bridge
     from .counterexample import Counterexample
     from .megatron_runtime import apply_cpu_patches, init_process_group_once
-    from .properties import NearTie, PropertyFailure, run_property
+    from .properties import PropertyFailure, SetAside, run_property
 
     example = Counterexample.load(args.file)
     case = example.case()
@@ -63,8 +63,8 @@ def _replay(args: argparse.Namespace) -> int:
             for stage, error in errors:
                 print(f"    {stage:<32} {error:.3g}")
         return 1
-    except NearTie as tie:
-        print(f"INCONCLUSIVE: {tie}")
+    except SetAside as set_aside:
+        print(f"INCONCLUSIVE: set aside as {set_aside.reason}: {set_aside}")
         return 2
     print("PASSES now")
     return 0

@@ -280,7 +280,7 @@ def pytest_runtest_call(item: pytest.Item):
             f"inconclusive: the property held on {tally.valid} valid examples, fewer than the {required} the profile "
             f"asks for: of {tally.draws} draws, {sum(tally.refusals.values())} were declared unsupported by the bridge"
             + "".join(f" ({n}: {reason})" for reason, n in tally.refusals.most_common())
-            + f" and {tally.ties} set aside as routing ties")
+            + f", {tally.ties} set aside as routing ties and {tally.ill_conditioned} as ill-conditioned")
     return result
 
 

@@ -24,6 +24,7 @@ class Tally:
     draws: int = 0  # configs drawn and put to the bridge's unsupported()
     refusals: Counter[str] = field(default_factory=Counter)  # declared unsupported, by reason
     ties: int = 0  # examples set aside: the oracle's routing has a near-tie
+    ill_conditioned: int = 0  # examples set aside: they amplify fp32 rounding past the tolerance
     valid: int = 0  # examples that ran to a verdict
     layouts: Counter[str] = field(default_factory=Counter)  # valid examples per layout
     dtypes: Counter[str] = field(default_factory=Counter)  # valid examples per checkpoint dtype
@@ -79,11 +80,16 @@ class Recorder:
     # `shrinking`: the example was run to shrink a failure, not drawn by the search; it counts as
     # such, not as a valid example. (A moved example of trigger isolation counts by count_isolation
     # alone.)
-    def count_tie(self, shrinking: bool = False) -> None:
+    def count_set_aside(self, reason: str, shrinking: bool = False) -> None:
+        """An example set aside (properties.SetAside) for `reason`: "routing tie" or "ill-conditioned"."""
         if shrinking:
             self.tally.shrink_calls += 1
-        else:
+        elif reason == "routing tie":
             self.tally.ties += 1
+        elif reason == "ill-conditioned":
+            self.tally.ill_conditioned += 1
+        else:
+            raise ValueError(f"unknown reason {reason!r} to set an example aside")
 
     def count_valid(self, case: Any, observed: dict[str, Any], shrinking: bool = False) -> None:
         tally = self.tally

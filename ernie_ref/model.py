@@ -48,6 +48,12 @@ class Trace:
     logits: torch.Tensor | None = None  # [B, S, V]
 
 
+def fp32_or_wider(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32, where transformers computes in fp32; float64 stays float64, so that a float64
+    oracle measures how much fp32 rounding an example amplifies (`conformance.numerics`)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
@@ -56,7 +62,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32, cast back to the input dtype, and only then scale by the weight.
-        x32 = x.float()
+        x32 = fp32_or_wider(x)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
@@ -71,7 +77,7 @@ def rope_cos_sin(seq_len: int, head_dim: int, theta: float) -> tuple[torch.Tenso
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, N, S, D]; rotates each pair (x[2i], x[2i+1]) in fp32."""
-    x32 = x.float()
+    x32 = fp32_or_wider(x)
     even, odd = x32[..., 0::2], x32[..., 1::2]
     rotated = torch.stack((-odd, even), dim=-1).flatten(-2)  # (x0, x1) -> (-x1, x0), pair by pair
     return (x32 * cos + rotated * sin).to(x.dtype)
@@ -100,7 +106,7 @@ class Attention(nn.Module):
         scores = (q @ k.transpose(2, 3)) * self.head_dim**-0.5  # [B, Nq, S, S]
         future = torch.ones(S, S, dtype=torch.bool, device=x.device).triu(1)
         scores = scores.masked_fill(future, float("-inf"))
-        attn = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        attn = F.softmax(fp32_or_wider(scores), dim=-1).to(q.dtype)
         out = (attn @ v).transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)  # [B, S, Nq*D]
         return self.o_proj(out)  # [B, S, H]
 
@@ -144,9 +150,9 @@ class SparseMoe(nn.Module):
 
     def route(self, x: torch.Tensor) -> RoutingTrace:
         """x [T, H] -> which K experts each token goes to, and with what weight."""
-        probs = F.softmax(F.linear(x.float(), self.gate.weight.float()), dim=-1)  # [T, E], fp32
+        probs = F.softmax(F.linear(fp32_or_wider(x), fp32_or_wider(self.gate.weight)), dim=-1)  # [T, E], fp32
         # The bias decides WHICH experts win (load balancing) but never how much they count.
-        selection = probs + self.moe_statics.e_score_correction_bias.float()[0]  # [T, E]
+        selection = probs + fp32_or_wider(self.moe_statics.e_score_correction_bias)[0]  # [T, E]
         ranked, order = selection.sort(dim=-1, descending=True, stable=True)  # [T, E]
         expert_ids = order[:, : self.k]  # [T, K]
         chosen = probs.gather(-1, expert_ids)  # [T, K]

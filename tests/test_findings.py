@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import torch
 
 from conformance.cases import Case, Corruption, Inputs
 from conformance.compare import compare, load_certificate, render_markdown, render_text
@@ -403,3 +404,26 @@ def test_compare_cli_exits_1_on_a_new_finding(tmp_path: Path) -> None:
     same = subprocess.run([*cli, str(tmp_path / "2"), str(tmp_path / "2"), "--format", "markdown"],
                           capture_output=True, text=True)
     assert same.returncode == 0 and "No new findings." in same.stdout, same
+
+
+def test_a_wrong_layer_kind_is_the_first_divergence_whatever_diverges_before_it(tmp_path: Path) -> None:
+    """A model built with the wrong layer pattern is wrong whatever its numbers: a divergence in an
+    earlier layer must not hide it (else the pattern's trigger isolates as a numerical one)."""
+    import copy
+
+    from conformance.properties import first_divergence, stage_errors
+    from ernie_ref import ErnieMoeForCausalLM, random_checkpoint
+
+    cfg = ErnieMoeConfig.from_hf(dict(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, moe_num_experts=3, moe_k=2,
+                                      moe_intermediate_size=4, moe_layer_start_index=1))
+    random_checkpoint(cfg, tmp_path, seed=0)
+    expected = ErnieMoeForCausalLM.from_pretrained(tmp_path)(torch.tensor([[1, 2, 3]]), trace=True)
+    actual = copy.deepcopy(expected)
+    actual.layers[0].after_attention = actual.layers[0].after_attention * 1.5  # diverges first in forward order
+    actual.layers[1].routing = None  # layer 1 built dense
+    stage, description = first_divergence(stage_errors(actual, expected, cfg))
+    assert stage.startswith("layer 1 kind"), (stage, description)
+    assert description == "layer 1 kind: dense in the bridge's model, MoE in the oracle", description
+    actual.layers[1].routing = expected.layers[1].routing  # the right kinds: the attention comes first
+    assert first_divergence(stage_errors(actual, expected, cfg))[0] == "layer 0 attention"

@@ -18,7 +18,7 @@ from ..cases import Case
 from ..counterexample import Counterexample, replay_command
 from ..findings import UNJUDGED, Finding, MoveContext, Variant, isolate_trigger, same_defect, signature
 from ..numerics import tolerance
-from ..properties import NearTie, PropertyFailure, run_property
+from ..properties import PropertyFailure, SetAside, run_property
 from ..recorder import RECORDER
 from ..plugin import suite_settings
 from ..session import SuiteSession
@@ -97,7 +97,8 @@ class _Search:
 
     def __init__(self, prop: str, suite: SuiteSession):
         self.prop, self.suite = prop, suite
-        self.outcomes: dict[str, Any] = {}  # repr(case) -> observed dict, TIE, or PropertyFailure
+        # repr(case) -> observed dict, the reason it was set aside (str), or PropertyFailure
+        self.outcomes: dict[str, Any] = {}
         self.findings: list[Finding] = []
         # Cases drawn in earlier rounds (a derandomized round replays the last one's draws: they
         # are not counted again) and in this one.
@@ -116,13 +117,13 @@ class _Search:
             return self.outcomes[key]
         try:
             outcome: Any = run_property(self.prop, self.suite.bridge, case)
-        except NearTie:
-            outcome = TIE
+        except SetAside as set_aside:
+            outcome = set_aside.reason
         except PropertyFailure as failure:
             outcome = failure
         if not isolating:  # a moved example of trigger isolation counts by RECORDER.count_isolation alone
-            if outcome is TIE:
-                RECORDER.count_tie(shrinking)
+            if isinstance(outcome, str):
+                RECORDER.count_set_aside(outcome, shrinking)
             elif isinstance(outcome, PropertyFailure):
                 RECORDER.note_failure(case, outcome, shrinking)
             else:
@@ -142,11 +143,11 @@ class _Search:
         if cached and not self.round_failing and key not in self.earlier:
             # Drawn again in this round (or run first to isolate a trigger): Hypothesis counts the
             # example, and so does the verdict; a case of an earlier round is not counted twice.
-            if outcome is TIE:
-                RECORDER.count_tie()
+            if isinstance(outcome, str):
+                RECORDER.count_set_aside(outcome)
             elif isinstance(outcome, dict):
                 RECORDER.count_valid(case, outcome)
-        if outcome is TIE:
+        if isinstance(outcome, str):
             reject()
         if isinstance(outcome, PropertyFailure) and self.known(outcome) is None:
             self.round_failing = True
@@ -161,7 +162,7 @@ class _Search:
             return UNJUDGED
         RECORDER.count_isolation()
         outcome = self.outcome(case, shrinking=False, isolating=True)
-        if outcome is TIE:
+        if isinstance(outcome, str):  # set aside: it says nothing about the bridge
             return UNJUDGED
         return outcome
 
@@ -204,8 +205,6 @@ class _Search:
                     finding.hits += 1
         return unclassified
 
-
-TIE = "tie"
 
 
 def search(prop: str, suite: SuiteSession) -> None:
