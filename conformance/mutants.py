@@ -779,13 +779,10 @@ class ExtraTensorsIgnored(Mutant):
 
 @mutant
 class BiasesDropped(Mutant):
-    """use_bias accepted without saying so: the biases are skipped, which Megatron's layers here cannot hold."""
+    """use_bias read as false without saying so: the checkpoint's biases are skipped."""
 
     name, part, killed_by = "biases-dropped", "refusal", "round_trip"
     expect = {"kind": "checkpoint differs", "diff": "config", "names": "use_bias"}
-
-    def unsupported(self, config):
-        return None
 
     def read_checkpoint(self, hf_dir):
         cfg, reader = super().read_checkpoint(hf_dir)

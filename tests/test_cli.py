@@ -37,7 +37,7 @@ def test_certify_reference_conforms(tmp_path: Path) -> None:
     assert certificate["conforms"] and certificate["bridge"]["name"] == "reference"
     assert {p: e["verdict"] for p, e in certificate["properties"].items()} == dict.fromkeys(certificate["properties"], "pass")
     assert all(e["examples"] >= 10 for e in certificate["properties"].values())
-    assert any("use_bias" in reason for reason in certificate["refusals"]), certificate["refusals"]
+    assert certificate["refusals"] == {} and certificate["deviations"] == [], (certificate["refusals"], certificate["deviations"])  # it refuses nothing transformers loads
     assert {s: e["verdict"] for s, e in certificate["published"].items()} == {
         "ERNIE-4.5-21B-A3B": "supported", "ERNIE-4.5-300B-A47B": "supported"}
     assert sum(certificate["tested"]["dtypes"].values()) == certificate["tested"]["examples"] >= 50

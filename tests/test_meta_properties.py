@@ -145,7 +145,7 @@ def test_bf16_tolerance_is_tight_enough_to_kill(megatron_runtime, name: str) -> 
               suppress_health_check=list(HealthCheck))
     @given(data=st.data())
     def equivalence_on_bf16(data: st.DataObject) -> None:
-        limits = ConfigLimits(allow_bias=False, min_hidden=tolerance("bfloat16").min_hidden_size)
+        limits = ConfigLimits(min_hidden=tolerance("bfloat16").min_hidden_size)
         cfg = data.draw(configs(limits), label="config")
         case = Case(config=cfg, weights_seed=data.draw(seeds(), label="weights seed"),
                     inputs=data.draw(inputs(), label="inputs"), dtype="bfloat16")

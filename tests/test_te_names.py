@@ -23,7 +23,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conformance.strategies import ConfigLimits, configs
+from conformance.strategies import configs
 from ernie_ref.layout import Layout
 from ernie_ref.megatron import ReferenceBridge
 from ernie_ref.megatron.mapping import name_pairs
@@ -41,7 +41,7 @@ def _outside_keys_map(cfg, name: str) -> bool:
 def test_te_names_are_megatron_cores_checkpoint_keys(megatron_runtime, data: st.DataObject) -> None:
     from conformance.megatron_runtime import init_model_parallel
 
-    cfg = data.draw(configs(ConfigLimits(allow_bias=False)), label="config")
+    cfg = data.draw(configs(), label="config")
     init_model_parallel(1, 1, 1, None, seed=0)
     model = build_chunks(cfg, transformer_config(cfg, Layout()), Layout())[0]
     keys = {name: getattr(item, "key", None) for name, item in model.sharded_state_dict().items()

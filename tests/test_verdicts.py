@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from conformance.cases import Case, Inputs
 from conformance.mutants import ExpertBiasNotLoaded, LoadAlwaysRaises
 from conformance.properties import PropertyFailure, SetAside, first_divergence, run_property
-from conformance.strategies import ConfigLimits, configs, corruptions, inputs, seeds
+from conformance.strategies import configs, corruptions, inputs, seeds
 from ernie_ref import ErnieMoeConfig, random_checkpoint
 from ernie_ref.megatron import ReferenceBridge
 
@@ -130,7 +130,7 @@ def test_reference_refusal_errors_name_the_corrupted_tensor_or_field(megatron_ru
               suppress_health_check=list(HealthCheck))
     @given(data=st.data())
     def refusal_names_the_corruption(data: st.DataObject) -> None:
-        cfg = data.draw(configs(ConfigLimits(allow_bias=False)), label="config")
+        cfg = data.draw(configs(), label="config")
         case = Case(cfg, data.draw(seeds(), label="weights seed"), data.draw(inputs(), label="inputs"),
                     corruption=data.draw(corruptions(cfg), label="corruption"))
         try:

@@ -56,9 +56,7 @@ class ReferenceBridge:
         return f"{v}+g{commit}" if commit else v
 
     def unsupported(self, config: ErnieMoeConfig) -> str | None:
-        if config.use_bias:
-            return ("use_bias: Megatron-Core's add_bias_linear would also put biases on routed experts, "
-                    "which ERNIE lacks, and GPTModel has no lm_head bias")
+        """Nothing: every config transformers loads converts exactly (use_bias included)."""
         return None
 
     def megatron_config(self, cfg: ErnieMoeConfig, layout: Layout, dtype: torch.dtype = torch.float32):

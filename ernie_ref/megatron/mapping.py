@@ -3,8 +3,10 @@
 Names are those of the local (non-Transformer-Engine) layer spec with our ERNIE router.
 Megatron fuses two pairs that HF keeps apart:
 - q, k, v into `linear_qkv`, grouped per query group: for each key/value head g, the query
-  heads that read it, then k_g, then v_g;
+  heads that read it, then k_g, then v_g (weights, and biases under use_bias);
 - gate and up into `fc1` = [gate; up] (dense MLP, each routed expert, the shared experts).
+Under use_bias, every linear layer but the routed experts' and the router's has a bias, lm_head's
+included (`output_layer.bias`, its own tensor even when the weight is tied).
 Everything else is a rename. The conversion is exact: only views, concatenations and copies.
 
 Names are those of Megatron-Core's local layer spec, or with `transformer_engine=True` those of
@@ -46,32 +48,35 @@ def split_qkv(cfg: ErnieMoeConfig, qkv: torch.Tensor) -> tuple[torch.Tensor, tor
     return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
 
 
-def _mlp_pairs(hf_prefix: str, mg_prefix: str) -> list[tuple[list[str], str]]:
-    return [
-        ([f"{hf_prefix}.gate_proj.weight", f"{hf_prefix}.up_proj.weight"], f"{mg_prefix}.linear_fc1.weight"),
-        ([f"{hf_prefix}.down_proj.weight"], f"{mg_prefix}.linear_fc2.weight"),
-    ]
+def _params(bias: bool) -> tuple[str, ...]:
+    return ("weight", "bias") if bias else ("weight",)
+
+
+def _mlp_pairs(hf_prefix: str, mg_prefix: str, bias: bool) -> list[tuple[list[str], str]]:
+    fc1 = [([f"{hf_prefix}.gate_proj.{p}", f"{hf_prefix}.up_proj.{p}"], f"{mg_prefix}.linear_fc1.{p}") for p in _params(bias)]
+    fc2 = [([f"{hf_prefix}.down_proj.{p}"], f"{mg_prefix}.linear_fc2.{p}") for p in _params(bias)]
+    return fc1 + fc2
 
 
 def _layer_pairs(cfg: ErnieMoeConfig, i: int) -> list[tuple[list[str], str]]:
     """(HF names, Megatron name) for layer i; a pair with several HF names is a fusion."""
     hf, mg = f"model.layers.{i}", f"decoder.layers.{i}"
-    pairs = [
-        ([f"{hf}.input_layernorm.weight"], f"{mg}.input_layernorm.weight"),
-        ([f"{hf}.self_attn.{p}_proj.weight" for p in "qkv"], f"{mg}.self_attention.linear_qkv.weight"),
-        ([f"{hf}.self_attn.o_proj.weight"], f"{mg}.self_attention.linear_proj.weight"),
-        ([f"{hf}.post_attention_layernorm.weight"], f"{mg}.pre_mlp_layernorm.weight"),
-    ]
+    params = _params(cfg.use_bias)
+    pairs = [([f"{hf}.input_layernorm.weight"], f"{mg}.input_layernorm.weight")]
+    pairs += [([f"{hf}.self_attn.{p}_proj.{param}" for p in "qkv"], f"{mg}.self_attention.linear_qkv.{param}")
+              for param in params]
+    pairs += [([f"{hf}.self_attn.o_proj.{param}"], f"{mg}.self_attention.linear_proj.{param}") for param in params]
+    pairs.append(([f"{hf}.post_attention_layernorm.weight"], f"{mg}.pre_mlp_layernorm.weight"))
     if not cfg.is_moe_layer(i):
-        return pairs + _mlp_pairs(f"{hf}.mlp", f"{mg}.mlp")
+        return pairs + _mlp_pairs(f"{hf}.mlp", f"{mg}.mlp", cfg.use_bias)
     pairs += [
         ([f"{hf}.mlp.gate.weight"], f"{mg}.mlp.router.weight"),
         ([f"{hf}.mlp.moe_statics.e_score_correction_bias"], f"{mg}.mlp.router.expert_bias"),
     ]
     for e in range(cfg.moe_num_experts):
-        pairs += _mlp_pairs(f"{hf}.mlp.experts.{e}", f"{mg}.mlp.experts.local_experts.{e}")
+        pairs += _mlp_pairs(f"{hf}.mlp.experts.{e}", f"{mg}.mlp.experts.local_experts.{e}", bias=False)
     if cfg.moe_num_shared_experts > 0:
-        pairs += _mlp_pairs(f"{hf}.mlp.shared_experts", f"{mg}.mlp.shared_experts")
+        pairs += _mlp_pairs(f"{hf}.mlp.shared_experts", f"{mg}.mlp.shared_experts", cfg.use_bias)
     return pairs
 
 
@@ -96,6 +101,8 @@ def name_pairs(cfg: ErnieMoeConfig, transformer_engine: bool = False) -> list[tu
     pairs.append((["model.norm.weight"], "decoder.final_layernorm.weight"))
     if not cfg.tie_word_embeddings:
         pairs.append((["lm_head.weight"], "output_layer.weight"))
+    if cfg.use_bias:  # lm_head's bias is its own tensor, tied or not
+        pairs.append((["lm_head.bias"], "output_layer.bias"))
     if transformer_engine:
         pairs = [(hf_names, te_name(cfg, mg_name)) for hf_names, mg_name in pairs]
     return pairs
@@ -104,7 +111,7 @@ def name_pairs(cfg: ErnieMoeConfig, transformer_engine: bool = False) -> list[tu
 def megatron_tensor(cfg: ErnieMoeConfig, hf: Mapping[str, torch.Tensor], hf_names: list[str], mg_name: str) -> torch.Tensor:
     """One full Megatron tensor, from the HF tensors it is made of."""
     tensors = [hf[n] for n in hf_names]
-    if mg_name.endswith("linear_qkv.weight"):
+    if mg_name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
         return fuse_qkv(cfg, *tensors)
     if mg_name.endswith("router.expert_bias"):
         return tensors[0].reshape(-1)  # HF [1, E] (one expert group) -> Megatron [E]
@@ -140,11 +147,11 @@ def megatron_to_hf(cfg: ErnieMoeConfig, mg: dict[str, torch.Tensor], transformer
     out = {}
     for hf_names, mg_name in name_pairs(cfg, transformer_engine):
         t = mg[mg_name]
-        if mg_name.endswith("linear_qkv.weight"):
+        if mg_name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
             parts = split_qkv(cfg, t)
         elif mg_name.endswith("router.expert_bias"):
             parts = (t.reshape(1, -1),)
-        elif len(hf_names) == 2:  # fc1 = [gate; up]
+        elif len(hf_names) == 2:  # fc1 = [gate; up], weight or bias
             parts = t.chunk(2, dim=0)
         else:
             parts = (t,)

@@ -3,6 +3,7 @@ spec with ERNIE's router, and the model itself."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 
@@ -11,7 +12,10 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, set_tensor_model_parallel_attributes
 from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from ernie_ref.config import ErnieMoeConfig
@@ -20,7 +24,7 @@ from ernie_ref.layout import Layout
 from .router import ErnieRouter
 
 __all__ = ["transformer_config", "decoder_block_spec", "build_chunks", "FP32_PARAMETER_SUFFIXES",
-           "transformer_engine_available"]
+           "transformer_engine_available", "RoutedExperts", "SharedExperts"]
 
 # The router's tensors, which real checkpoints keep in fp32 (HF `mlp.gate.weight` and
 # `mlp.moe_statics.e_score_correction_bias`): kept in fp32 in the model too, so that a bf16
@@ -52,8 +56,11 @@ def transformer_config(cfg: ErnieMoeConfig, layout: Layout, dtype: torch.dtype =
         layernorm_epsilon=cfg.rms_norm_eps,
         gated_linear_unit=True,
         activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
+        # use_bias: biases on q, k, v, o, the dense MLP, the shared experts and (build_chunks) lm_head.
+        # add_bias_linear would put them on the routed experts and the router too: the layer spec
+        # takes them off there (RoutedExperts, ErnieRouter).
+        add_bias_linear=cfg.use_bias,
+        add_qkv_bias=cfg.use_bias,
         rotary_interleaved=True,
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -92,20 +99,63 @@ def transformer_config(cfg: ErnieMoeConfig, layout: Layout, dtype: torch.dtype =
     )
 
 
-def _with_router(mlp_spec, router):
-    """Return the MLP spec with `router` in MoE layers; dense layer specs come back unchanged.
+class RoutedExperts(SequentialMLP):
+    """Megatron-Core's SequentialMLP without biases: ERNIE's routed experts have none, even under
+    use_bias, where add_bias_linear puts them on every other linear layer."""
 
-    megatron-core 0.16 describes an MoE layer as ModuleSpec(module=MoELayer, submodules=...),
-    0.19 as functools.partial(MoELayer, submodules=...); both carry MoESubmodules.router.
-    """
-    if isinstance(mlp_spec, functools.partial):
-        if isinstance(mlp_spec.func, type) and issubclass(mlp_spec.func, MoELayer):
-            subs = dataclasses.replace(mlp_spec.keywords["submodules"], router=router)
-            return functools.partial(mlp_spec.func, *mlp_spec.args, **{**mlp_spec.keywords, "submodules": subs})
+    def __init__(self, num_local_experts: int, config: TransformerConfig, *args, **kwargs):
+        config = copy.copy(config)
+        config.add_bias_linear = False
+        super().__init__(num_local_experts, config, *args, **kwargs)
+
+
+class SharedExperts(MLP):
+    """ERNIE's shared experts under use_bias: one Megatron-Core MLP of width
+    moe_intermediate_size x moe_num_shared_experts, with biases, whose output includes its last
+    bias. (Megatron-Core's SharedExpertMLP refuses biases; without use_bias the spec keeps it.)"""
+
+    def __init__(self, config: TransformerConfig, submodules, gate: bool, pg_collection=None, **kwargs):
+        if gate:
+            raise ValueError("ERNIE's shared experts have no gate: moe_shared_expert_gate must be False")
+        config = copy.copy(config)
+        config.ffn_hidden_size = config.moe_shared_expert_intermediate_size
+        super().__init__(config=config, submodules=submodules,
+                         tp_group=pg_collection.tp if pg_collection is not None else None, **kwargs)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        output, bias = super().forward(hidden_states)  # fc2 hands its bias back unadded
+        return output if bias is None else output + bias
+
+
+def _spec_class(spec):
+    """The module class a layer spec builds. megatron-core 0.16 describes a module as
+    ModuleSpec(module=..., submodules=...), 0.19 as functools.partial(module, submodules=...)."""
+    return spec.func if isinstance(spec, functools.partial) else getattr(spec, "module", None)
+
+
+def _with_class(spec, cls: type):
+    """The same spec (submodules and arguments) building `cls` instead."""
+    if isinstance(spec, functools.partial):
+        return functools.partial(cls, *spec.args, **spec.keywords)
+    return dataclasses.replace(spec, module=cls)
+
+
+def _ernie_moe(mlp_spec, router, use_bias: bool):
+    """An MoE layer's MLP spec with ERNIE's router and, under use_bias, routed experts without
+    biases and shared experts with them; a dense layer's spec comes back unchanged."""
+    moe = _spec_class(mlp_spec)
+    if not (isinstance(moe, type) and issubclass(moe, MoELayer)):
         return mlp_spec
-    if isinstance(getattr(mlp_spec, "module", None), type) and issubclass(mlp_spec.module, MoELayer):
-        return dataclasses.replace(mlp_spec, submodules=dataclasses.replace(mlp_spec.submodules, router=router))
-    return mlp_spec
+    subs = mlp_spec.keywords["submodules"] if isinstance(mlp_spec, functools.partial) else mlp_spec.submodules
+    changes = {"router": router}
+    if use_bias:
+        changes["experts"] = _with_class(subs.experts, RoutedExperts)
+        if subs.shared_experts is not None:
+            changes["shared_experts"] = _with_class(subs.shared_experts, SharedExperts)
+    subs = dataclasses.replace(subs, **changes)
+    if isinstance(mlp_spec, functools.partial):
+        return functools.partial(mlp_spec.func, *mlp_spec.args, **{**mlp_spec.keywords, "submodules": subs})
+    return dataclasses.replace(mlp_spec, submodules=subs)
 
 
 def decoder_block_spec(
@@ -121,7 +171,8 @@ def decoder_block_spec(
                                        vp_stage=vp_stage)
     router = functools.partial(router_class, norm_min=cfg.moe_norm_min)
     layers = [
-        dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=_with_router(spec.submodules.mlp, router)))
+        dataclasses.replace(spec, submodules=dataclasses.replace(
+            spec.submodules, mlp=_ernie_moe(spec.submodules.mlp, router, cfg.use_bias)))
         for spec in block.layer_specs
     ]
     return dataclasses.replace(block, layer_specs=layers)
@@ -152,8 +203,19 @@ def build_chunks(
                 vp_stage=vp,
             )
         )
+        if post and cfg.use_bias:
+            _add_output_bias(chunks[-1].output_layer)
         _set_dtypes(chunks[-1], tconfig.params_dtype)
     return chunks
+
+
+def _add_output_bias(layer: ColumnParallelLinear) -> None:
+    """lm_head's bias (use_bias) on the output layer, which GPTModel always creates without one: a
+    bias as ColumnParallelLinear makes its own (zeros, split with the vocabulary across
+    tensor-parallel ranks), which its forward then adds to the logits."""
+    bias = torch.nn.Parameter(torch.zeros(layer.output_size_per_partition, dtype=layer.config.params_dtype))
+    set_tensor_model_parallel_attributes(bias, True, 0, 1)
+    layer.bias = bias
 
 
 def _set_dtypes(chunk: GPTModel, dtype: torch.dtype) -> None:

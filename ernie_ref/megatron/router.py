@@ -12,6 +12,8 @@ ERNIE routing, per token, in fp32:
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from megatron.core.transformer.moe.router import TopKRouter
 
@@ -20,6 +22,9 @@ __all__ = ["ErnieRouter"]
 
 class ErnieRouter(TopKRouter):
     def __init__(self, config, pg_collection=None, *, norm_min: float, **kwargs):
+        # ERNIE's router has no bias, even under use_bias (where add_bias_linear would give it one).
+        config = copy.copy(config)
+        config.add_bias_linear = False
         super().__init__(config=config, pg_collection=pg_collection, **kwargs)
         self.norm_min = norm_min
         # TopKRouter only creates `expert_bias` for sigmoid scores; ERNIE's is a persistent fp32

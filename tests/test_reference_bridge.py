@@ -1,0 +1,60 @@
+"""The reference bridge refuses nothing that transformers loads: use_bias converts exactly, on one
+rank and split across tensor-parallel ranks (the suite draws it too; these cases name each place
+a bias goes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conformance.cases import Case, Inputs
+from conformance.distributed import set_pool
+from conformance.properties import SetAside, run_property
+from ernie_ref import ErnieMoeConfig
+from ernie_ref.layout import Layout
+from ernie_ref.megatron import ReferenceBridge
+
+
+def biased_config(tie: bool, shared: int, layers: int = 2) -> ErnieMoeConfig:
+    """Layer 0 dense (its MLP has biases), layer 1 MoE (shared experts with biases, routed without)."""
+    return ErnieMoeConfig.from_hf(dict(
+        vocab_size=16, hidden_size=16, intermediate_size=8, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, moe_num_experts=4, moe_k=2, moe_intermediate_size=4, moe_num_shared_experts=shared,
+        moe_layer_start_index=1, use_bias=True, tie_word_embeddings=tie))
+
+
+def run_all(case: Case) -> list[str]:
+    """Run the four properties that load the checkpoint; returns those set aside (routing ties)."""
+    set_aside = []
+    for prop in ("import", "round_trip", "equivalence", "interop"):
+        try:
+            run_property(prop, ReferenceBridge(), case)
+        except SetAside:
+            set_aside.append(prop)
+    return set_aside
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("shared", [0, 2], ids=["no-shared", "two-shared"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_use_bias_converts_exactly_on_one_rank(megatron_runtime, tie: bool, shared: int, dtype: str) -> None:
+    cfg = biased_config(tie, shared)
+    assert ReferenceBridge().unsupported(cfg) is None
+    set_aside = run_all(Case(cfg, weights_seed=3, inputs=Inputs(2, 5, 1), dtype=dtype))
+    assert "equivalence" not in set_aside or dtype == "bfloat16", f"{cfg.one_line()}: set aside {set_aside}"
+
+
+@pytest.mark.parametrize("layout", ["tp2-pp1-ep1-vpp1", "tp1-pp2-ep1-vpp1"])
+def test_use_bias_converts_exactly_across_ranks(megatron_runtime, layout: str) -> None:
+    """tp 2 splits the fused qkv bias by key/value group, fc1's [gate; up] bias part by part and
+    lm_head's bias with the vocabulary; pp 2 puts lm_head's bias on the last stage, tied or not."""
+    from conformance.rank_pool import RankPool
+
+    with RankPool(2) as pool:
+        set_pool(pool)
+        try:
+            for tie in (True, False):
+                cfg = biased_config(tie, shared=2)
+                set_aside = run_all(Case(cfg, weights_seed=5, inputs=Inputs(2, 4, 2), layout=Layout.parse(layout)))
+                assert not set_aside, f"{cfg.one_line()} at {layout}: set aside {set_aside}"
+        finally:
+            set_pool(None)
