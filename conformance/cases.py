@@ -1,5 +1,5 @@
 """What one example of the suite is: a `Case` (config, weights, inputs, layout, dtype, and for
-the refusal property a `Corruption`). Strategies build cases; properties run them; counterexample
+the refusal property a `Corruption`; for a drawn checkpoint, its on-disk `CheckpointFormat`). Strategies build cases; properties run them; counterexample
 files store them. Each is a frozen dataclass, so a case is a value that can be compared and saved.
 """
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ernie_ref import ErnieMoeConfig
+from ernie_ref import CheckpointFormat, ErnieMoeConfig
 from ernie_ref.layout import Layout
 
 __all__ = ["Case", "Corruption", "Inputs", "make_input_ids"]
@@ -61,6 +61,7 @@ class Case:
     corruption: Corruption | None = None
     checkpoint: str | None = None
     dtype: str = "float32"  # of the drawn weights (the router stays fp32); a user's checkpoint has its own
+    checkpoint_format: CheckpointFormat = CheckpointFormat()  # how the drawn checkpoint spells its config, MTP tensors
 
     def describe(self) -> str:
         weights = (f"checkpoint {self.checkpoint}" if self.checkpoint
@@ -69,5 +70,6 @@ class Case:
             f"config: {self.config.one_line()}\n"
             f"  {weights}, layout {self.layout}, "
             f"inputs batch {self.inputs.batch} x seq {self.inputs.seq_len} seed {self.inputs.seed}"
+            + (f", format: {self.checkpoint_format}" if self.checkpoint_format != CheckpointFormat() else "")
             + (f", corruption: {self.corruption}" if self.corruption else "")
         )

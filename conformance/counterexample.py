@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ernie_ref import ErnieMoeConfig
+from ernie_ref import CheckpointFormat, ErnieMoeConfig
 from ernie_ref.layout import Layout
 
 from .cases import Case, Corruption, Inputs
@@ -59,6 +59,7 @@ class Counterexample:
     corruption: dict[str, str] | None = None
     checkpoint: str | None = None  # relative to this file's directory once saved
     dtype: str = "float32"
+    checkpoint_format: dict[str, Any] | None = None  # ernie_ref.CheckpointFormat; None: canonical
     kind: str = ""  # properties.FAILURE_KINDS
     facts: dict[str, Any] = field(default_factory=dict)
     message: str = ""
@@ -84,6 +85,7 @@ class Counterexample:
             corruption=asdict(case.corruption) if case.corruption else None,
             checkpoint=case.checkpoint,
             dtype=case.dtype,
+            checkpoint_format=asdict(case.checkpoint_format) if case.checkpoint_format != CheckpointFormat() else None,
             kind=failure.kind,
             facts=_finite(failure.facts),
             message=str(failure).split("\n  reproduce with:")[0],
@@ -109,6 +111,8 @@ class Counterexample:
             corruption=Corruption(**self.corruption) if self.corruption else None,
             checkpoint=str(checkpoint) if checkpoint is not None else None,
             dtype=self.dtype,
+            checkpoint_format=CheckpointFormat(**{k: tuple(v) if isinstance(v, list) else v
+                                                  for k, v in (self.checkpoint_format or {}).items()}),
         )
 
     def file_name(self) -> str:

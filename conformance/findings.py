@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ernie_ref import ErnieMoeConfig, expected_keys
+from ernie_ref import CheckpointFormat, ErnieMoeConfig, expected_keys
+from ernie_ref.checkpoint import omittable_keys
 from ernie_ref.config import ConfigError
 from ernie_ref.layout import Layout
 
@@ -150,9 +151,12 @@ class Condition:
     value: Any
 
     def matches(self, case: Case) -> bool:
-        actual = COORDINATES[self.coordinate].value(case)
+        coordinate = COORDINATES[self.coordinate]
+        actual = coordinate.value(case)
         if actual is None:
             return False
+        if coordinate.holds is not None:
+            return coordinate.holds(self.op, self.value, actual)
         if self.op == "=":
             return actual == self.value
         if self.op == "!=":
@@ -236,6 +240,8 @@ class Coordinate:
     moves: Callable[[Case, MoveContext], Iterator[tuple[Any, Case]]]
     words: Callable[[str, Any], str]
     reference: Callable[[Case], Any] = lambda case: None
+    # Whether a condition (op, value) holds for an example's value, where that is not equality.
+    holds: Callable[[str, Any, Any], bool] | None = None
 
 
 def _config_moves(case: Case, changes: list[dict[str, Any]]) -> Iterator[Case]:
@@ -253,7 +259,47 @@ def _config_moves(case: Case, changes: list[dict[str, Any]]) -> Iterator[Case]:
         corruption = _corruption_for(case.corruption, cfg)
         if case.corruption is not None and corruption is None:
             continue  # the corrupted tensor has no counterpart in the moved config
-        yield replace(case, config=cfg, corruption=corruption)
+        yield replace(case, config=cfg, corruption=corruption, checkpoint_format=_format_for(case.checkpoint_format, cfg))
+
+
+def _format_for(fmt: CheckpointFormat, cfg: ErnieMoeConfig) -> CheckpointFormat:
+    """The same checkpoint format for a moved config, less the omitted keys that no longer hold
+    transformers' default there (config.json must then spell them)."""
+    allowed = omittable_keys(cfg)
+    return replace(fmt, omitted=tuple(k for k in fmt.omitted if k in allowed))
+
+
+def _format_flag(name: str, words: str) -> Coordinate:
+    """A yes/no part of a drawn checkpoint's format, moved to no (the canonical format)."""
+
+    def value(case: Case) -> Any:
+        return getattr(case.checkpoint_format, name) if case.checkpoint is None else None
+
+    def moves(case: Case, ctx: MoveContext) -> Iterator[tuple[Any, Case]]:
+        if getattr(case.checkpoint_format, name):
+            yield False, replace(case, checkpoint_format=replace(case.checkpoint_format, **{name: False}))
+
+    return Coordinate(name, value, moves, lambda op, v: words if (op == "=") == bool(v) else f"not {words}",
+                      lambda case: False)
+
+
+def _omitted_moves(case: Case, ctx: MoveContext) -> Iterator[tuple[Any, Case]]:
+    """Each omitted config.json key written out again."""
+    fmt = case.checkpoint_format
+    for key in fmt.omitted:
+        yield key, replace(case, checkpoint_format=replace(fmt, omitted=tuple(k for k in fmt.omitted if k != key)))
+
+
+def _omitted_holds(op: str, value: Any, omitted: Any) -> bool:
+    """The example omits every key the condition names (see `_omitted_words`)."""
+    return all(key in omitted for key in ([value] if isinstance(value, str) else value))
+
+
+def _omitted_words(op: str, value: Any) -> str:
+    """The keys whose omission the failure needs: all omitted ones ("="), else those whose writing
+    cured it."""
+    keys = [value] if isinstance(value, str) else list(value)
+    return f"config.json omits {' and '.join(keys)} (transformers' default)"
 
 
 def _corruption_for(corruption: Corruption | None, cfg: ErnieMoeConfig) -> Corruption | None:
@@ -545,6 +591,11 @@ def _coordinates() -> dict[str, Coordinate]:
         Coordinate("moe_layer_pattern", _pattern_value, _pattern_moves, _pattern_words, lambda case: CONTIGUOUS),
         *(_layout_coordinate(dim) for dim in ("tp", "pp", "ep", "vpp")),
         Coordinate("dtype", lambda case: case.dtype, _dtype_moves, _dtype_words, lambda case: "float32"),
+        Coordinate("omitted_keys", lambda case: case.checkpoint_format.omitted if case.checkpoint is None else None,
+                   _omitted_moves, _omitted_words, holds=_omitted_holds),
+        _format_flag("legacy_rope_theta", "legacy top-level rope_theta (no rope_parameters)"),
+        _format_flag("published_extra_keys", "published extra config keys (moe_capacity, moe_gate, auto_map, ...)"),
+        _format_flag("mtp", "MTP tensors in the checkpoint"),
         _inputs_coordinate("batch"),
         _inputs_coordinate("seq_len"),
         Coordinate("corruption_kind", lambda case: case.corruption.kind if case.corruption else None,

@@ -226,6 +226,21 @@ class SharedExpertCountIgnored(Mutant):
 
 
 @mutant
+class AbsentSharedExpertsReadAsNone(Mutant):
+    """A config.json without moe_num_shared_experts read as no shared experts (the key's absence
+    taken for 0, as `config.get("moe_num_shared_experts", 0)` does), where transformers reads 2."""
+
+    name, part, killed_by = "absent-shared-experts-read-as-none", "config", "equivalence"
+    expect = {"kind": "divergence", "stage_kind": "experts"}
+
+    def read_checkpoint(self, hf_dir):
+        cfg, reader = super().read_checkpoint(hf_dir)
+        if "moe_num_shared_experts" not in json.loads((Path(hf_dir) / CONFIG_NAME).read_text()):
+            cfg = cfg.replace(moe_num_shared_experts=0)
+        return cfg, reader
+
+
+@mutant
 class MoeWidthFromDense(Mutant):
     """The routed experts' width taken from intermediate_size instead of moe_intermediate_size."""
 
@@ -595,6 +610,20 @@ class VirtualStageOffsetIgnored(Mutant):
 
 
 # ------------------------------------------------------------------------------------ precision and export
+@mutant
+class MtpTensorsDropped(Mutant):
+    """The published checkpoint's multi-token-prediction tensors are dropped on the way: the export
+    holds the model's tensors alone."""
+
+    name, part, killed_by = "mtp-tensors-dropped", "precision and export", "round_trip"
+    expect = {"kind": "checkpoint differs", "diff": "missing", "names": "mtp"}
+
+    def load(self, hf_dir, layout):
+        chunks = super().load(hf_dir, layout)
+        chunks[0].carried_hf_tensors = {}
+        return chunks
+
+
 @mutant
 class ExportCastToBfloat16(Mutant):
     """Export casts every tensor to bfloat16 ("checkpoints are bf16"), the fp32 router included."""

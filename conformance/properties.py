@@ -142,12 +142,13 @@ PROPERTIES = ("import", "round_trip", "equivalence", "interop", "refusal")
 
 
 def prepare_checkpoint(case: Case, workdir: Path) -> Path:
-    """The checkpoint directory the example runs on: a seeded random one written into `workdir`,
-    or the user's own. For a corrupted user checkpoint, a copy of config.json beside links to its
+    """The checkpoint directory the example runs on: a seeded random one written into `workdir` in
+    the case's checkpoint format, or the user's own. For a corrupted user checkpoint, a copy of config.json beside links to its
     weight files, so that a config corruption never touches the original."""
     if case.checkpoint is None:
         hf = workdir / "hf"
-        random_checkpoint(case.config, hf, seed=case.weights_seed, dtype=getattr(torch, case.dtype))
+        random_checkpoint(case.config, hf, seed=case.weights_seed, dtype=getattr(torch, case.dtype),
+                          fmt=case.checkpoint_format)
         return hf
     source = Path(case.checkpoint)
     if case.corruption is None:

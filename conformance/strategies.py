@@ -1,4 +1,5 @@
-"""Hypothesis strategies: small valid ERNIE 4.5 MoE configs, weights seeds and inputs.
+"""Hypothesis strategies: small valid ERNIE 4.5 MoE configs, checkpoint formats, weights seeds
+and inputs.
 
 Everything is valid by construction: divisors are drawn rather than filtered, and the MoE layer
 pattern is drawn around a layer that is sure to be MoE. The suite's tests draw these with
@@ -12,12 +13,13 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from ernie_ref import ErnieMoeConfig
+from ernie_ref import CheckpointFormat, ErnieMoeConfig
+from ernie_ref.checkpoint import omittable_keys
 from ernie_ref.layout import Layout
 
 from .cases import Corruption, Inputs
 
-__all__ = ["ConfigLimits", "configs", "layouts", "layer_patterns", "seeds", "inputs", "corruptions", "misshaped",
+__all__ = ["ConfigLimits", "configs", "layouts", "layer_patterns", "checkpoint_formats", "seeds", "inputs", "corruptions", "misshaped",
            "plausible_extra_tensors", "contradicting_changes"]
 
 
@@ -134,6 +136,24 @@ def configs(draw: st.DrawFn, limits: ConfigLimits = ConfigLimits(), layout: Layo
     else:
         hf.update(draw(layer_patterns(num_layers)))
     return ErnieMoeConfig.from_hf(hf)
+
+
+@st.composite
+def checkpoint_formats(draw: st.DrawFn, cfg: ErnieMoeConfig) -> CheckpointFormat:
+    """How a drawn checkpoint spells its config and what it carries beside the model, as published
+    ones may: keys left out where they hold transformers' default, a legacy top-level rope_theta,
+    the keys transformers does not read, and multi-token-prediction tensors. Shrinks towards the
+    canonical format."""
+    omittable = omittable_keys(cfg)
+    omitted = draw(st.sets(st.sampled_from(omittable))) if omittable else set()
+    return CheckpointFormat(
+        legacy_rope_theta="rope_theta" not in omitted and draw(st.booleans()),
+        omitted=tuple(sorted(omitted)),
+        published_extra_keys=draw(st.booleans()),
+        # One draw in four, as use_bias: a bridge that fails on them fails on a quarter of the draws,
+        # and the rest still reach defects that other draws hide.
+        mtp=draw(st.sampled_from([False, False, False, True])),
+    )
 
 
 def seeds() -> st.SearchStrategy[int]:

@@ -3,6 +3,7 @@
 
 from .checkpoint import (
     CheckpointError,
+    CheckpointFormat,
     check_state_dict,
     expected_keys,
     load_checkpoint,
@@ -15,6 +16,7 @@ from .model import ErnieMoeForCausalLM, LayerTrace, RoutingTrace, Trace
 
 __all__ = [
     "CheckpointError",
+    "CheckpointFormat",
     "ConfigError",
     "ErnieMoeConfig",
     "ErnieMoeForCausalLM",

@@ -11,16 +11,21 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ConfigError, ErnieMoeConfig
+from .config import TRANSFORMERS_DEFAULTS, ConfigError, ErnieMoeConfig
+from .published import PUBLISHED_EXTRA_KEYS
 
 __all__ = [
     "CheckpointError",
+    "CheckpointFormat",
+    "mtp_keys",
     "expected_keys",
     "check_state_dict",
     "save_checkpoint",
@@ -60,12 +65,80 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch
 # multi-token-prediction heads of the published checkpoints. They are not part of the model.
 IGNORED_KEY_FRAGMENT = "mtp"
 
+# Where each multi-token-prediction (MTP) tensor of a published checkpoint goes: one MTP layer
+# (num_nextn_predict_layers 1) stored after the model, `model.mtp_block.0.` holding a decoder layer.
+MTP_PREFIXES = ("model.mtp_block.0.", "model.mtp_linear_proj.0.", "model.mtp_hidden_norm.0.", "model.mtp_emb_norm.0.")
+
 # Default shard size: small enough that tests with a few MB exercise sharding when they ask to.
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 
 class CheckpointError(ValueError):
     """A checkpoint whose tensors do not match its config.json."""
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """How a checkpoint spells its config and what it carries beside the model, as the published
+    ones may; none of it changes the model that transformers builds. The default is the canonical
+    spelling (`ErnieMoeConfig.to_hf`) and the model's tensors alone."""
+
+    legacy_rope_theta: bool = False  # a top-level `rope_theta`, no `rope_parameters`
+    omitted: tuple[str, ...] = ()  # keys left out of config.json; each holds transformers' default
+    published_extra_keys: bool = False  # PUBLISHED_EXTRA_KEYS and `torch_dtype`, which transformers does not read
+    mtp: bool = False  # the published multi-token-prediction tensors, with `num_nextn_predict_layers: 1`
+
+    def __str__(self) -> str:
+        parts = (["legacy top-level rope_theta"] if self.legacy_rope_theta else []) + \
+                ([f"config.json omits {', '.join(self.omitted)}"] if self.omitted else []) + \
+                (["published extra config keys"] if self.published_extra_keys else []) + (["MTP tensors"] if self.mtp else [])
+        return "; ".join(parts) or "canonical"
+
+    def config_json(self, cfg: ErnieMoeConfig, dtype: str | None) -> dict[str, Any]:
+        """The config.json dict of `cfg` in this format (`dtype`: of the model's tensors, if one)."""
+        hf = cfg.to_hf()
+        if dtype is not None:
+            hf["dtype"] = dtype
+        if self.legacy_rope_theta:
+            del hf["rope_parameters"]
+            hf["rope_theta"] = cfg.rope_theta
+        for key in self.omitted:
+            if key not in omittable_keys(cfg):
+                raise ValueError(f"config.json may omit {key!r} only where it holds transformers' default; "
+                                 f"{key}={getattr(cfg, key)!r} in {cfg.one_line()}")
+            for spelled in (("rope_parameters", "rope_theta") if key == "rope_theta" else (key,)):
+                hf.pop(spelled, None)
+        if self.published_extra_keys:
+            hf.update(PUBLISHED_EXTRA_KEYS)
+            if dtype is not None:
+                hf["torch_dtype"] = dtype
+        if self.mtp:
+            hf["num_nextn_predict_layers"] = 1
+        return hf
+
+
+def omittable_keys(cfg: ErnieMoeConfig) -> list[str]:
+    """The config.json keys that `cfg` may leave out: those whose value is transformers' default
+    (head_dim where it is hidden_size // num_attention_heads)."""
+    keys = [k for k, v in TRANSFORMERS_DEFAULTS.items() if k != "moe_layer_end_index" and getattr(cfg, k) == v]
+    if cfg.moe_layer_end_index == cfg.num_hidden_layers - 1:  # the default -1 means the last layer
+        keys.append("moe_layer_end_index")
+    if cfg.hidden_size // cfg.num_attention_heads == cfg.head_dim:
+        keys.append("head_dim")
+    return sorted(keys)
+
+
+def mtp_keys(cfg: ErnieMoeConfig) -> dict[str, tuple[int, ...]]:
+    """The published checkpoints' multi-token-prediction tensors for `cfg`, with their shapes: a
+    decoder layer shaped as the model's last, the projection of [embedding; hidden] back to the
+    hidden size, and its two norms. transformers skips every key with "mtp"."""
+    H, last = cfg.hidden_size, cfg.num_hidden_layers - 1
+    layer = f"model.layers.{last}."
+    keys = {MTP_PREFIXES[0] + k[len(layer):]: shape for k, shape in expected_keys(cfg).items() if k.startswith(layer)}
+    keys[MTP_PREFIXES[1] + "weight"] = (H, 2 * H)
+    keys[MTP_PREFIXES[2] + "weight"] = (H,)
+    keys[MTP_PREFIXES[3] + "weight"] = (H,)
+    return keys
 
 
 def expected_keys(cfg: ErnieMoeConfig) -> dict[str, tuple[int, ...]]:
@@ -285,15 +358,15 @@ def save_checkpoint(
     cfg: ErnieMoeConfig,
     state_dict: Mapping[str, torch.Tensor],
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    fmt: CheckpointFormat = CheckpointFormat(),
 ) -> None:
-    """Write config.json and the safetensors files (sharded with an index past `max_shard_bytes`)."""
+    """Write config.json (spelled as `fmt` says) and the safetensors files (sharded with an index
+    past `max_shard_bytes`). Tensors with "mtp" in their name are written as they are."""
     check_state_dict(cfg, state_dict)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    hf = cfg.to_hf()
     dtypes = {t.dtype for k, t in state_dict.items() if not k.endswith(FP32_TENSOR_SUFFIXES)}
-    if len(dtypes) == 1:
-        hf["dtype"] = str(dtypes.pop()).removeprefix("torch.")
+    hf = fmt.config_json(cfg, str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else None)
     (path / CONFIG_NAME).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
     for stale in [*path.glob("model*.safetensors"), path / INDEX_NAME]:
         stale.unlink(missing_ok=True)
@@ -322,7 +395,8 @@ def save_checkpoint(
     (path / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def random_state_dict(cfg: ErnieMoeConfig, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def random_state_dict(cfg: ErnieMoeConfig, seed: int, dtype: torch.dtype = torch.float32,
+                      mtp: bool = False) -> dict[str, torch.Tensor]:
     """Seeded weights at scales where every part of the math shows in the logits.
 
     transformers' init (zero expert bias, unit norm weights, tiny router) would hide bugs in
@@ -333,10 +407,12 @@ def random_state_dict(cfg: ErnieMoeConfig, seed: int, dtype: torch.dtype = torch
     - router logits are O(1), so softmax probabilities spread, and the expert bias is of the
       order of the gaps between probabilities, so it changes which experts win for many tokens;
     - linear layers reading normalised input use 1/sqrt(fan_in), so activations stay O(1).
+    With `mtp`, the published multi-token-prediction tensors follow (`mtp_keys`), drawn after the
+    model's so that these are the same with or without them.
     """
     gen = torch.Generator().manual_seed(seed)
     state = {}
-    for name, shape in expected_keys(cfg).items():
+    for name, shape in {**expected_keys(cfg), **(mtp_keys(cfg) if mtp else {})}.items():
         state[name] = _random_tensor(name, shape, cfg, gen).to(
             torch.float32 if name.endswith(FP32_TENSOR_SUFFIXES) else dtype
         )
@@ -369,8 +445,9 @@ def random_checkpoint(
     seed: int,
     dtype: torch.dtype = torch.float32,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    fmt: CheckpointFormat = CheckpointFormat(),
 ) -> dict[str, torch.Tensor]:
-    """Write a seeded random checkpoint for `cfg` to `path`; returns the tensors written."""
-    state = random_state_dict(cfg, seed, dtype)
-    save_checkpoint(path, cfg, state, max_shard_bytes=max_shard_bytes)
+    """Write a seeded random checkpoint for `cfg` to `path`, in format `fmt`; returns the tensors written."""
+    state = random_state_dict(cfg, seed, dtype, mtp=fmt.mtp)
+    save_checkpoint(path, cfg, state, max_shard_bytes=max_shard_bytes, fmt=fmt)
     return state

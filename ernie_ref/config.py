@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ErnieMoeConfig", "ConfigError"]
+__all__ = ["ErnieMoeConfig", "ConfigError", "TRANSFORMERS_DEFAULTS"]
 
 
 class ConfigError(ValueError):
@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 # Keys that real config.json files may omit, with transformers' defaults for them. Applying a
 # default is recorded in `ErnieMoeConfig.defaulted` so that a report can show it.
-_DEFAULTS: dict[str, Any] = {
+TRANSFORMERS_DEFAULTS: dict[str, Any] = {
     "rms_norm_eps": 1e-5,
     "rope_theta": 500000.0,
     "tie_word_embeddings": True,
@@ -64,15 +64,15 @@ class ErnieMoeConfig:
     moe_num_experts: int
     moe_k: int
     moe_intermediate_size: int  # width of one routed expert
-    rms_norm_eps: float = _DEFAULTS["rms_norm_eps"]
-    rope_theta: float = _DEFAULTS["rope_theta"]
-    tie_word_embeddings: bool = _DEFAULTS["tie_word_embeddings"]
-    use_bias: bool = _DEFAULTS["use_bias"]
-    moe_num_shared_experts: int = _DEFAULTS["moe_num_shared_experts"]
-    moe_layer_start_index: int = _DEFAULTS["moe_layer_start_index"]
-    moe_layer_end_index: int = _DEFAULTS["moe_layer_end_index"]  # resolved: never -1
-    moe_layer_interval: int = _DEFAULTS["moe_layer_interval"]
-    moe_norm_min: float = _DEFAULTS["moe_norm_min"]
+    rms_norm_eps: float = TRANSFORMERS_DEFAULTS["rms_norm_eps"]
+    rope_theta: float = TRANSFORMERS_DEFAULTS["rope_theta"]
+    tie_word_embeddings: bool = TRANSFORMERS_DEFAULTS["tie_word_embeddings"]
+    use_bias: bool = TRANSFORMERS_DEFAULTS["use_bias"]
+    moe_num_shared_experts: int = TRANSFORMERS_DEFAULTS["moe_num_shared_experts"]
+    moe_layer_start_index: int = TRANSFORMERS_DEFAULTS["moe_layer_start_index"]
+    moe_layer_end_index: int = TRANSFORMERS_DEFAULTS["moe_layer_end_index"]  # resolved: never -1
+    moe_layer_interval: int = TRANSFORMERS_DEFAULTS["moe_layer_interval"]
+    moe_norm_min: float = TRANSFORMERS_DEFAULTS["moe_norm_min"]
     # Keys of config.json that do not change the forward pass (token ids, dtype, ...): kept so
     # that `to_hf` writes them back, and left out of equality.
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -129,7 +129,7 @@ class ErnieMoeConfig:
         values: dict[str, Any] = {"rope_theta": _rope_theta(d)}
         defaulted = [] if values["rope_theta"] is not None else ["rope_theta"]
         if values["rope_theta"] is None:
-            values["rope_theta"] = _DEFAULTS["rope_theta"]
+            values["rope_theta"] = TRANSFORMERS_DEFAULTS["rope_theta"]
         for f in dataclasses.fields(cls):
             if f.name in ("extra", "defaulted", "rope_theta"):
                 continue
@@ -138,8 +138,8 @@ class ErnieMoeConfig:
             elif f.name == "head_dim":
                 heads = _positive_int("num_attention_heads", d.get("num_attention_heads"))
                 values["head_dim"] = _positive_int("hidden_size", d.get("hidden_size")) // heads
-            elif f.name in _DEFAULTS:
-                values[f.name] = _DEFAULTS[f.name]
+            elif f.name in TRANSFORMERS_DEFAULTS:
+                values[f.name] = TRANSFORMERS_DEFAULTS[f.name]
                 defaulted.append(f.name)
             else:
                 raise ConfigError(f"config field {f.name!r} is missing: it is required")

@@ -11,7 +11,7 @@ from typing import Any
 
 from .config import ErnieMoeConfig
 
-__all__ = ["PUBLISHED_STRUCTURES", "published_config"]
+__all__ = ["PUBLISHED_STRUCTURES", "PUBLISHED_EXTRA_KEYS", "published_config"]
 
 _COMMON: dict[str, Any] = {
     "vocab_size": 103424,
@@ -48,3 +48,22 @@ def published_config(name: str) -> ErnieMoeConfig:
     if name not in PUBLISHED_STRUCTURES:
         raise KeyError(f"{name!r}: not a published structure ({', '.join(PUBLISHED_STRUCTURES)})")
     return ErnieMoeConfig.from_hf(PUBLISHED_STRUCTURES[name])
+
+
+# Keys of the published config.json files that transformers does not read: Baidu's training
+# settings (MoE capacity, gate kind, aux-free balancing), its norm flag, and the mapping to its own
+# remote code (transformers has native code for model_type ernie4_5_moe and uses that). Besides
+# these they carry `torch_dtype` (the legacy spelling of `dtype`) and, with their multi-token-
+# prediction tensors, `num_nextn_predict_layers` (see `checkpoint.CheckpointFormat`).
+PUBLISHED_EXTRA_KEYS: dict[str, Any] = {
+    "moe_capacity": [64, 64, 64],
+    "moe_gate": "topk",
+    "moe_use_aux_free": True,
+    "use_rmsnorm": True,
+    "use_cache": False,
+    "auto_map": {
+        "AutoConfig": "configuration_ernie4_5_moe.Ernie4_5_MoeConfig",
+        "AutoModel": "modeling_ernie4_5_moe.Ernie4_5_Model",
+        "AutoModelForCausalLM": "modeling_ernie4_5_moe.Ernie4_5_MoeForCausalLM",
+    },
+}

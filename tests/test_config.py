@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-from transformers import Ernie4_5_MoeConfig
+import json
+import tempfile
+from pathlib import Path
 
-from conformance.strategies import configs
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoConfig, Ernie4_5_MoeConfig
+
+from conformance.strategies import checkpoint_formats, configs
 from ernie_ref import ConfigError, ErnieMoeConfig
+
+# The fields transformers' Ernie4_5_MoeConfig and ErnieMoeConfig share (rope theta is compared apart).
+FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "head_dim", "rms_norm_eps", "tie_word_embeddings", "use_bias", "moe_num_experts",
+          "moe_k", "moe_num_shared_experts", "moe_intermediate_size", "moe_layer_start_index", "moe_layer_end_index",
+          "moe_layer_interval", "moe_norm_min")
 
 MINIMAL = dict(
     vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=3, num_attention_heads=4,
@@ -22,12 +32,31 @@ def test_to_hf_round_trips_and_transformers_reads_the_same_values(data: st.DataO
     hf = cfg.to_hf()
     assert ErnieMoeConfig.from_hf(hf) == cfg
     theirs = Ernie4_5_MoeConfig(**{k: v for k, v in hf.items() if k not in ("architectures", "model_type")})
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim", "rms_norm_eps", "tie_word_embeddings", "use_bias",
-                 "moe_num_experts", "moe_k", "moe_num_shared_experts", "moe_intermediate_size",
-                 "moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval", "moe_norm_min"):
+    for name in FIELDS:
         assert getattr(theirs, name) == getattr(cfg, name), f"{name}: transformers {getattr(theirs, name)!r} != {getattr(cfg, name)!r}"
     assert theirs.rope_parameters["rope_theta"] == cfg.rope_theta
+
+
+@settings(max_examples=30)
+@given(data=st.data())
+def test_every_checkpoint_format_reads_as_transformers_reads_it(data: st.DataObject) -> None:
+    """A config.json spelled as published ones may be (keys left to their defaults, a legacy
+    top-level rope_theta, keys transformers does not read, num_nextn_predict_layers): transformers'
+    AutoConfig reads the values ErnieMoeConfig reads, which are those of the config written."""
+    cfg = data.draw(configs(), label="config")
+    fmt = data.draw(checkpoint_formats(cfg), label="checkpoint format")
+    hf = fmt.config_json(cfg, "bfloat16")
+    assert ErnieMoeConfig.from_hf(hf) == cfg, f"{fmt}: {hf}"
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(json.dumps(hf))
+        theirs = AutoConfig.from_pretrained(d)
+    # transformers' modeling code reads a missing head_dim as hidden_size // num_attention_heads.
+    head_dim = getattr(theirs, "head_dim", None) or theirs.hidden_size // theirs.num_attention_heads
+    assert head_dim == cfg.head_dim, (head_dim, cfg.head_dim, fmt)
+    for name in (f for f in FIELDS if f != "head_dim"):
+        assert getattr(theirs, name) == getattr(cfg, name), (
+            f"{name}: transformers {getattr(theirs, name)!r} != {getattr(cfg, name)!r}; format {fmt}; {hf}")
+    assert theirs.rope_parameters["rope_theta"] == cfg.rope_theta, (theirs.rope_parameters, fmt)
 
 
 @given(data=st.data())

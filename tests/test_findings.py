@@ -22,7 +22,7 @@ from conformance.findings import (
 from conformance.mutants import ThreePlantedDefects, TwoPlantedDefects
 from conformance.plugin import read_known_findings
 from conformance.properties import PropertyFailure
-from ernie_ref import ErnieMoeConfig
+from ernie_ref import CheckpointFormat, ErnieMoeConfig
 from ernie_ref.layout import Layout
 
 ONE_RANK = Layout()
@@ -115,6 +115,25 @@ def test_isolation_finds_exactly_the_planted_trigger(changes, layout, dtype, def
     case = replace(small_case(**changes), layout=layout, dtype=dtype)
     trigger = trigger_of(case, defect)
     assert trigger.words() == words, f"planted {words!r}, isolated {trigger.words()!r} ({trigger})"
+
+
+@pytest.mark.parametrize(("fmt", "defect", "words"), [
+    (CheckpointFormat(mtp=True, published_extra_keys=True), lambda c: c.checkpoint_format.mtp,
+     "MTP tensors in the checkpoint"),
+    (CheckpointFormat(legacy_rope_theta=True, mtp=True), lambda c: c.checkpoint_format.legacy_rope_theta,
+     "legacy top-level rope_theta (no rope_parameters)"),
+    # A key read wrongly when absent: it needs the key omitted, which needs the default value.
+    (CheckpointFormat(omitted=("moe_layer_end_index", "tie_word_embeddings")),
+     lambda c: "tie_word_embeddings" in c.checkpoint_format.omitted,
+     "tie_word_embeddings = true and config.json omits tie_word_embeddings (transformers' default)"),
+])
+def test_isolation_finds_a_checkpoint_format_trigger(fmt: CheckpointFormat, defect, words: str) -> None:
+    trigger = trigger_of(replace(small_case(), checkpoint_format=fmt), defect)
+    assert trigger.words() == words, f"planted {words!r}, isolated {trigger.words()!r} ({trigger})"
+    for later in (replace(small_case(), checkpoint_format=replace(fmt, published_extra_keys=True)),
+                  replace(small_case(rms_norm_eps=1e-6), checkpoint_format=fmt)):
+        assert trigger.matches(later), f"{trigger.words()} must cover {later.describe()}"
+    assert not trigger.matches(small_case()), "the canonical format is not covered"
 
 
 def test_a_defect_on_every_example_reads_any_moe_layer_at_the_router() -> None:

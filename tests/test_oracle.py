@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 
 from conformance.hf_transformers import load_transformers_model, run_transformers
 from conformance.numerics import FP32_RTOL, ROUTING_MARGIN, is_near_tie, relative_error
-from conformance.strategies import configs, inputs, seeds
-from ernie_ref import ErnieMoeConfig, ErnieMoeForCausalLM, random_checkpoint
+from conformance.strategies import checkpoint_formats, configs, inputs, seeds
+from ernie_ref import CheckpointFormat, ErnieMoeConfig, ErnieMoeForCausalLM, random_checkpoint
+from ernie_ref.checkpoint import omittable_keys
 
 BASE = dict(
     vocab_size=40, hidden_size=24, intermediate_size=20, num_hidden_layers=4, num_attention_heads=4,
@@ -49,17 +50,18 @@ def fail_on_near_tie() -> None:
 
 
 def assert_oracle_matches_transformers(
-    cfg: ErnieMoeConfig, weights_seed: int, input_ids: torch.Tensor, on_near_tie=lambda: assume(False)
+    cfg: ErnieMoeConfig, weights_seed: int, input_ids: torch.Tensor, on_near_tie=lambda: assume(False),
+    fmt: CheckpointFormat = CheckpointFormat(),
 ) -> None:
     with tempfile.TemporaryDirectory() as d:
-        random_checkpoint(cfg, d, seed=weights_seed)
+        random_checkpoint(cfg, d, seed=weights_seed, fmt=fmt)
         ours = ErnieMoeForCausalLM.from_pretrained(d)
         theirs = load_transformers_model(d)
     trace = ours(input_ids, trace=True)
     if is_near_tie(trace):
         on_near_tie()
     run = run_transformers(theirs, input_ids)
-    context = f"config: {cfg.one_line()}; weights seed {weights_seed}; input {list(input_ids.shape)}"
+    context = f"config: {cfg.one_line()}; format: {fmt}; weights seed {weights_seed}; input {list(input_ids.shape)}"
     assert len(run.layer_outputs) == cfg.num_hidden_layers, context
     for i, (layer, theirs_out) in enumerate(zip(trace.layers, run.layer_outputs)):
         err = relative_error(layer.output, theirs_out)
@@ -83,12 +85,28 @@ def test_oracle_matches_transformers_at_corners(corner: str) -> None:
     assert_oracle_matches_transformers(cfg, weights_seed=3, input_ids=ids, on_near_tie=fail_on_near_tie)
 
 
+def test_oracle_matches_transformers_on_the_published_format() -> None:
+    """Every config key left to transformers' default (head_dim, moe_layer_end_index, shared experts
+    2, tied, ...), the keys it does not read, and MTP tensors, which it skips (load_transformers_model
+    fails on any key it reports unexpected); then the legacy top-level rope_theta."""
+    cfg = ErnieMoeConfig.from_hf({**BASE, "hidden_size": 16, "num_attention_heads": 4, "moe_num_shared_experts": 2,
+                                  "tie_word_embeddings": True, "moe_layer_start_index": 1, "rms_norm_eps": 1e-5,
+                                  "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}})
+    ids = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    omitted = tuple(omittable_keys(cfg))
+    assert {"head_dim", "moe_num_shared_experts", "tie_word_embeddings", "rope_theta", "moe_layer_end_index"} <= set(omitted)
+    for fmt in (CheckpointFormat(omitted=omitted, published_extra_keys=True, mtp=True),
+                CheckpointFormat(legacy_rope_theta=True, published_extra_keys=True, mtp=True)):
+        assert_oracle_matches_transformers(cfg, weights_seed=3, input_ids=ids, on_near_tie=fail_on_near_tie, fmt=fmt)
+
+
 @given(data=st.data())
 def test_oracle_matches_transformers(data: st.DataObject) -> None:
     cfg = data.draw(configs(), label="config")
     weights_seed = data.draw(seeds(), label="weights seed")
     batch = data.draw(inputs(), label="inputs")
-    assert_oracle_matches_transformers(cfg, weights_seed, batch.input_ids(cfg.vocab_size))
+    fmt = data.draw(checkpoint_formats(cfg), label="checkpoint format")
+    assert_oracle_matches_transformers(cfg, weights_seed, batch.input_ids(cfg.vocab_size), fmt=fmt)
 
 
 def test_random_weights_exercise_the_math() -> None:

@@ -11,6 +11,7 @@ from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 from hypothesis.errors import FailedHealthCheck, Unsatisfiable
 
+from ernie_ref import CheckpointFormat
 from ernie_ref.checkpoint import read_config
 
 from ..bridge import BridgeError, bridge_call
@@ -22,13 +23,13 @@ from ..properties import PropertyFailure, SetAside, run_property
 from ..recorder import RECORDER
 from ..plugin import suite_settings
 from ..session import SuiteSession
-from ..strategies import ConfigLimits, configs, corruptions, inputs, seeds
+from ..strategies import ConfigLimits, checkpoint_formats, configs, corruptions, inputs, seeds
 
 
 def draw_case(data: st.DataObject, suite: SuiteSession, prop: str, earlier: set[str] | None = None,
               this_round: set[str] | None = None) -> Case:
     """Draw a layout, the weights' dtype, a config (or read the user's checkpoint), the weights
-    seed, inputs and, for the refusal property, a corruption.
+    seed, inputs, for the refusal property a corruption, and the drawn checkpoint's format.
 
     A config the bridge declares unsupported is recorded as a declared refusal and the example is
     rejected: it is not a failure, but it is not a valid example either (see `verdict_of`). A case
@@ -52,6 +53,9 @@ def draw_case(data: st.DataObject, suite: SuiteSession, prop: str, earlier: set[
                     if prop == "refusal" else None),
         checkpoint=str(suite.checkpoint) if suite.checkpoint is not None else None,
         dtype=dtype,
+        # Drawn last, so that adding it left the earlier draws of a derandomized profile as they were.
+        checkpoint_format=(data.draw(checkpoint_formats(cfg), label="checkpoint format")
+                           if suite.checkpoint is None else CheckpointFormat()),
     )
     first_draw = earlier is None or repr(case) not in earlier
     if this_round is not None:

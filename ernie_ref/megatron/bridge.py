@@ -12,7 +12,7 @@ from megatron.core import parallel_state
 
 from collections.abc import Mapping
 
-from ernie_ref.checkpoint import checkpoint_dtype, expected_keys, open_checkpoint, save_checkpoint
+from ernie_ref.checkpoint import IGNORED_KEY_FRAGMENT, checkpoint_dtype, expected_keys, open_checkpoint, save_checkpoint
 from ernie_ref.config import ErnieMoeConfig
 from ernie_ref.layout import Layout
 
@@ -37,7 +37,13 @@ def _git_commit() -> str | None:
 
 
 class ReferenceBridge:
-    """Converts exactly, or refuses through `unsupported`; every tensor is checked on the way in."""
+    """Converts exactly, or refuses through `unsupported`; every tensor is checked on the way in.
+
+    A published checkpoint's multi-token-prediction tensors (names with "mtp", which transformers
+    skips) are not converted into Megatron-Core's MTP block: the rank that exports holds them
+    beside its model chunks (`carried_hf_tensors` of the first chunk) and export writes them back
+    unchanged.
+    """
 
     name = "reference"
     router_class: type = ErnieRouter
@@ -113,6 +119,8 @@ class ReferenceBridge:
         full = self.to_megatron(cfg, hf)
         chunks = self.build(cfg, layout, dtype)
         full_shapes = {k: tuple(v.shape) for k, v in MegatronView(cfg, _meta_tensors(cfg), self.transformer_engine).items()}
+        if not dist.is_initialized() or dist.get_rank() == 0:  # the rank that writes the export
+            chunks[0].carried_hf_tensors = {k: hf[k] for k in hf if IGNORED_KEY_FRAGMENT in k}
         for chunk in chunks:
             chunk.ernie_config = cfg  # export writes this config back
             chunk.full_shapes = full_shapes  # tells a tensor-parallel shard from a whole tensor
@@ -144,7 +152,8 @@ class ReferenceBridge:
                 mg = {}
                 for part in gathered:
                     mg.update(part)
-                self.write_checkpoint(out_dir, cfg, self.to_hf(cfg, mg))
+                carried = getattr(chunks[0], "carried_hf_tensors", {})
+                self.write_checkpoint(out_dir, cfg, {**self.to_hf(cfg, mg), **carried})
         finally:  # even when rank 0 fails to write, no rank is left waiting for it
             if dist.is_initialized() and dist.get_world_size() > 1:
                 dist.barrier()  # the directory is complete when export returns, on every rank
