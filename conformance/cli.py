@@ -162,7 +162,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _kill_matrix(args: argparse.Namespace) -> int:
-    from .kill_matrix import kill_matrix, render_markdown
+    from .kill_matrix import kill_matrix, render_markdown, update_markdown
 
     names = [n.strip() for n in args.mutants.split(",") if n.strip()] if args.mutants else None
 
@@ -175,13 +175,17 @@ def _kill_matrix(args: argparse.Namespace) -> int:
                    else "SURVIVED")
         print(f"{run.mutant}: {verdict}", flush=True)
 
+    if args.update and (not names or args.out == "-" or not Path(args.out).is_file()):
+        print("error: --update re-measures the --mutants named in an existing --out file", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
         runs = kill_matrix(names, jobs=args.jobs, profile=args.profile, progress=progress)
+        text = (update_markdown(Path(args.out).read_text(), runs, args.profile) if args.update
+                else render_markdown(runs, args.profile, time.perf_counter() - start))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    text = render_markdown(runs, args.profile, time.perf_counter() - start)
     print(text)
     if args.out != "-":
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -236,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     matrix.add_argument("--profile", default="ci", choices=["dev", "ci", "thorough"],
                         help="the suite's Hypothesis profile ernie-PROFILE")
     matrix.add_argument("--jobs", type=int, default=1, help="mutants run at once (each a pytest process)")
+    matrix.add_argument("--update", action="store_true",
+                        help="measure only --mutants and replace or add their rows in the existing --out file, "
+                             "which then says which rows were measured when")
     matrix.set_defaults(run=_kill_matrix)
 
     argv = sys.argv[1:] if argv is None else argv

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from pathlib import Path
 from .mutants import MUTANTS, PARTS, mutant_spec
 from .properties import PROPERTIES
 
-__all__ = ["Kill", "MutantRun", "run_mutant", "kill_matrix", "render_markdown"]
+__all__ = ["Kill", "MutantRun", "run_mutant", "kill_matrix", "render_markdown", "update_markdown"]
 
 
 @dataclass(frozen=True)
@@ -120,12 +121,65 @@ def _cell(kill: Kill | None) -> str:
     return f"survived {kill.examples}"
 
 
-def render_markdown(runs: list[MutantRun], profile: str, wall_s: float) -> str:
-    """The kill matrix as a markdown document."""
+def _measured_with() -> str:
     from .versions import package_version
 
-    times = [k.seconds for run in runs if (k := run.fastest()) is not None]
-    survivors = [run.mutant for run in runs if not run.killed]
+    return (f"ernie-conformance {package_version('ernie-conformance')}, megatron-core {package_version('megatron-core')}, "
+            f"transformers {package_version('transformers')}, torch {version('torch')}, on {os.cpu_count()} CPU cores")
+
+
+def _row(run: MutantRun) -> str:
+    cls = MUTANTS[run.mutant]
+    if run.error:
+        return f"| `{run.mutant}` | {cls.part} | {cls.killed_by} | error: {run.error[-200:]!r} |"
+    return f"| `{run.mutant}` | {cls.part} | {cls.killed_by} | " + " | ".join(_cell(run.kills.get(p)) for p in PROPERTIES) + " |"
+
+
+def _bug_line(name: str) -> str:
+    cls = MUTANTS[name]
+    where = f" Right on one rank; revealed under {cls.reveals_under}." if cls.reveals_under else ""
+    where += f" Right for fp32 checkpoints; revealed by {cls.reveals_in} ones." if cls.reveals_in else ""
+    return f"- `{name}` ({cls.part}): {cls.bug()}{where}"
+
+
+def _summary(rows: dict[str, str]) -> str:
+    """The killed count and times to kill, read back from the rows' cells."""
+    times = [min(float(t) for t in found) for row in rows.values() if (found := re.findall(r"\*\*killed\*\* #\d+, ([\d.]+)s", row))]
+    survivors = [name for name, row in rows.items() if "**killed**" not in row]
+    return (f"**{len(rows) - len(survivors)} of {len(rows)} killed**"
+            + (f"; survivors: {', '.join(survivors)}" if survivors else "")
+            + (f". Time to kill (fastest property): median {statistics.median(times):.1f}s, max {max(times):.1f}s."
+               if times else "."))
+
+
+def update_markdown(existing: str, runs: list[MutantRun], profile: str) -> str:
+    """`existing` (a kill matrix this module wrote) with the rows of `runs` measured anew and added
+    or replaced; the summary is recounted, a line says which rows were measured when, and the bugs
+    are described as the catalogue now does."""
+    lines = existing.rstrip("\n").split("\n")
+    rows = {line.split("`")[1]: line for line in lines if line.startswith("| `")}
+    for run in runs:
+        rows[run.mutant] = _row(run)
+    unknown = sorted(set(rows) - set(MUTANTS))
+    if unknown:
+        raise ValueError(f"{unknown} are in the kill matrix but not in the catalogue: regenerate it whole")
+    order = {part: i for i, part in enumerate(PARTS)}
+    names = sorted(rows, key=lambda n: (order[MUTANTS[n].part], n))
+    head = lines[:lines.index(next(l for l in lines if l.startswith("| mutant |")))]
+    head = [l for l in head if not l.startswith("**")]
+    head = [re.sub(r"\((\d+) broken", f"({len(rows)} broken", line) for line in head]
+    while head and not head[-1]:
+        head.pop()
+    head += [f"Rows of {', '.join(f'`{r.mutant}`' for r in runs)} measured {time.strftime('%Y-%m-%d')} "
+             f"({profile} profile) with {_measured_with()} (`ernie-conformance kill-matrix --mutants ...`).",
+             "", _summary(rows), ""]
+    table = ["| mutant | part | expected killer | " + " | ".join(PROPERTIES) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in PROPERTIES) + " |"]
+    return "\n".join(head + table + [rows[n] for n in names] + ["", "## The bugs", ""] + [_bug_line(n) for n in names]) + "\n"
+
+
+def render_markdown(runs: list[MutantRun], profile: str, wall_s: float) -> str:
+    """The kill matrix as a markdown document."""
     lines = [
         "# Kill matrix",
         "",
@@ -135,30 +189,15 @@ def render_markdown(runs: list[MutantRun], profile: str, wall_s: float) -> str:
         "examples a property ran without failing (drawn examples, including those set aside for a",
         "routing near-tie). Regenerate with `ernie-conformance kill-matrix`.",
         "",
-        f"Measured {time.strftime('%Y-%m-%d')} with ernie-conformance {package_version('ernie-conformance')}, "
-        f"megatron-core {package_version('megatron-core')}, transformers {package_version('transformers')}, "
-        f"torch {version('torch')}, on {os.cpu_count()} CPU cores; {wall_s / 60:.1f} minutes in all.",
+        f"Measured {time.strftime('%Y-%m-%d')} with {_measured_with()}; {wall_s / 60:.1f} minutes in all.",
         "",
-        f"**{len(runs) - len(survivors)} of {len(runs)} killed**"
-        + (f"; survivors: {', '.join(survivors)}" if survivors else "")
-        + (f". Time to kill (fastest property): median {statistics.median(times):.1f}s, "
-           f"max {max(times):.1f}s." if times else "."),
+        _summary({run.mutant: _row(run) for run in runs}),
         "",
         "| mutant | part | expected killer | " + " | ".join(PROPERTIES) + " |",
         "| --- | --- | --- | " + " | ".join("---" for _ in PROPERTIES) + " |",
     ]
     order = {part: i for i, part in enumerate(PARTS)}
-    for run in sorted(runs, key=lambda r: (order[MUTANTS[r.mutant].part], r.mutant)):
-        cls = MUTANTS[run.mutant]
-        if run.error:
-            lines.append(f"| `{run.mutant}` | {cls.part} | {cls.killed_by} | error: {run.error[-200:]!r} |")
-            continue
-        lines.append(f"| `{run.mutant}` | {cls.part} | {cls.killed_by} | "
-                     + " | ".join(_cell(run.kills.get(p)) for p in PROPERTIES) + " |")
-    lines += ["", "## The bugs", ""]
-    for run in sorted(runs, key=lambda r: (order[MUTANTS[r.mutant].part], r.mutant)):
-        cls = MUTANTS[run.mutant]
-        where = f" Right on one rank; revealed under {cls.reveals_under}." if cls.reveals_under else ""
-        where += f" Right for fp32 checkpoints; revealed by {cls.reveals_in} ones." if cls.reveals_in else ""
-        lines.append(f"- `{run.mutant}` ({cls.part}): {cls.bug()}{where}")
+    ordered = sorted(runs, key=lambda r: (order[MUTANTS[r.mutant].part], r.mutant))
+    lines += [_row(run) for run in ordered]
+    lines += ["", "## The bugs", ""] + [_bug_line(run.mutant) for run in ordered]
     return "\n".join(lines) + "\n"

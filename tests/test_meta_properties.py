@@ -104,6 +104,27 @@ def test_catalogue_size_is_the_documented_one() -> None:
     assert listed == set(MUTANTS), f"docs/kill-matrix.md lacks {sorted(set(MUTANTS) - listed)}"
 
 
+def test_kill_matrix_update_replaces_only_the_rows_it_measured() -> None:
+    """`kill-matrix --mutants ... --update`: the rows measured anew replace or join the others, the
+    summary is recounted from every row, and the document says which rows were measured when."""
+    from conformance.kill_matrix import Kill, MutantRun, render_markdown, update_markdown
+
+    first, second, third = list(MUTANTS)[:3]
+
+    def killed(name: str, seconds: float) -> MutantRun:
+        prop = MUTANTS[name].killed_by
+        return MutantRun(name, {prop: Kill(prop, True, 2, seconds, seconds)})
+
+    whole = render_markdown([killed(first, 1.0), killed(second, 2.0)], "ci", 60.0)
+    updated = update_markdown(whole, [MutantRun(second, {}), killed(third, 4.0)], "ci")
+    rows = {line.split("`")[1]: line for line in updated.splitlines() if line.startswith("| `")}
+    assert set(rows) == {first, second, third}, rows
+    assert rows[first] == next(line for line in whole.splitlines() if line.startswith(f"| `{first}`")), "kept as it was"
+    assert "**killed**" not in rows[second] and "#2, 4.0s" in rows[third], rows
+    assert f"**2 of 3 killed**; survivors: {second}. Time to kill (fastest property): median 2.5s, max 4.0s." in updated
+    assert f"Rows of `{second}`, `{third}` measured" in updated and "(3 broken" in updated, updated[:800]
+
+
 @pytest.mark.whole_runs
 def test_reference_bridge_passes_every_property(pytester: pytest.Pytester) -> None:
     result = run_suite(pytester, "reference", "test_")
@@ -137,7 +158,7 @@ def test_bf16_tolerance_is_tight_enough_to_kill(megatron_runtime, name: str) -> 
     from conformance.numerics import tolerance
     from conformance.cases import Case
     from conformance.properties import PropertyFailure, SetAside, run_property
-    from conformance.strategies import ConfigLimits, configs, inputs, seeds
+    from conformance.strategies import ConfigLimits, checkpoint_formats, configs, inputs, seeds
 
     bridge = MUTANTS[name]()
 
@@ -148,7 +169,8 @@ def test_bf16_tolerance_is_tight_enough_to_kill(megatron_runtime, name: str) -> 
         limits = ConfigLimits(min_hidden=tolerance("bfloat16").min_hidden_size)
         cfg = data.draw(configs(limits), label="config")
         case = Case(config=cfg, weights_seed=data.draw(seeds(), label="weights seed"),
-                    inputs=data.draw(inputs(), label="inputs"), dtype="bfloat16")
+                    inputs=data.draw(inputs(), label="inputs"), dtype="bfloat16",
+                    checkpoint_format=data.draw(checkpoint_formats(cfg), label="checkpoint format"))
         try:
             run_property("equivalence", bridge, case)
         except SetAside:
