@@ -136,7 +136,7 @@ def build_certificate(
         "properties": properties,
         "known_failures": [p for p, e in properties.items() if e["verdict"] == "known failure"],
         "findings": certificate_findings(results, out_dir),
-        "known_findings": results.get("known_failures"),
+        "known_findings": _known_findings(results.get("known_failures"), out_dir),
         "conforms": all(v == "pass" for v in verdicts) and bool(published)
                     and all(e["verdict"] == "supported" for e in published.values()),
     }
@@ -210,6 +210,13 @@ def headline(c: dict[str, Any]) -> str:
     else:
         parts.append("declared nothing unsupported")
     return "; ".join(parts) + "."
+
+
+def _known_findings(known: dict[str, Any] | None, out_dir: Path) -> dict[str, Any] | None:
+    """The known-failures report with its file relative to the certificate, as every other path."""
+    if not known or not known.get("file"):
+        return known
+    return {**known, "file": relative(Path(known["file"]), out_dir)}
 
 
 def _failure_entry(result: dict[str, Any], out_dir: Path, prop: str) -> dict[str, Any]:

@@ -15,9 +15,10 @@ from ernie_ref.megatron import ReferenceBridge
 
 
 def biased_config(tie: bool, shared: int, layers: int = 2) -> ErnieMoeConfig:
-    """Layer 0 dense (its MLP has biases), layer 1 MoE (shared experts with biases, routed without)."""
+    """Layer 0 dense (its MLP has biases), layer 1 MoE (shared experts with biases, routed without).
+    The widths differ (dense 12, shared 4 x 2, routed 4), so that no module can take another's."""
     return ErnieMoeConfig.from_hf(dict(
-        vocab_size=16, hidden_size=16, intermediate_size=8, num_hidden_layers=layers, num_attention_heads=4,
+        vocab_size=16, hidden_size=16, intermediate_size=12, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, moe_num_experts=4, moe_k=2, moe_intermediate_size=4, moe_num_shared_experts=shared,
         moe_layer_start_index=1, use_bias=True, tie_word_embeddings=tie))
 

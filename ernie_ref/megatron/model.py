@@ -117,7 +117,11 @@ class SharedExperts(MLP):
     def __init__(self, config: TransformerConfig, submodules, gate: bool, pg_collection=None, **kwargs):
         if gate:
             raise ValueError("ERNIE's shared experts have no gate: moe_shared_expert_gate must be False")
-        super().__init__(config=config, submodules=submodules, ffn_hidden_size=config.moe_shared_expert_intermediate_size,
+        # The width both as config.ffn_hidden_size (which Megatron-Core 0.16 reads for fc2) and as
+        # the argument (0.19 warns without it).
+        config = copy.copy(config)
+        config.ffn_hidden_size = config.moe_shared_expert_intermediate_size
+        super().__init__(config=config, submodules=submodules, ffn_hidden_size=config.ffn_hidden_size,
                          tp_group=pg_collection.tp if pg_collection is not None else None, **kwargs)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
