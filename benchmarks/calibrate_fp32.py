@@ -32,15 +32,10 @@ from conformance.distributed import run_on_ranks, set_pool
 from conformance.megatron_runtime import apply_cpu_patches, init_process_group_once
 from conformance.megatron_trace import merge_traces
 from conformance.numerics import FP32_RTOL, ROUTING_MARGIN, min_routing_margin
-from conformance.properties import conditioning_error, prepare_checkpoint, stage_errors
+from conformance.properties import conditioning_error, prepare_checkpoint, stage_errors, worst_stage_error
 from conformance.rank_pool import RankPool
 from conformance.strategies import ConfigLimits, all_layouts, configs, inputs, seeds
 from ernie_ref import ErnieMoeForCausalLM
-
-
-def worst_value_error(errors: list[tuple[str, float]]) -> float:
-    """The largest stage error; a router choice that differs counts as inf (the suite fails it)."""
-    return max((e if "router choice" not in s or e == 0 else float("inf")) for s, e in errors)
 
 
 def measure(bridge, case: Case) -> dict | None:
@@ -53,7 +48,7 @@ def measure(bridge, case: Case) -> dict | None:
             return None  # a routing tie: the suite sets it aside before this rule
         condition = conditioning_error(oracle, ids, expected)
         actual = merge_traces(run_on_ranks("trace", bridge, case, hf))
-    return {"condition": condition, "bridge": worst_value_error(stage_errors(actual, expected, case.config)),
+    return {"condition": condition, "bridge": worst_stage_error(stage_errors(actual, expected, case.config)),
             "case": case.describe().replace("\n", "")}
 
 

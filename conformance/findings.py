@@ -290,16 +290,18 @@ def _omitted_moves(case: Case, ctx: MoveContext) -> Iterator[tuple[Any, Case]]:
         yield key, replace(case, checkpoint_format=replace(fmt, omitted=tuple(k for k in fmt.omitted if k != key)))
 
 
+def _omitted_named(value: Any) -> list[str]:
+    """The keys whose omission an omitted-keys condition needs: its value is all omitted ones
+    ("="), the one whose writing cured it ("!="), or those that did ("not in")."""
+    return [value] if isinstance(value, str) else list(value)
+
+
 def _omitted_holds(op: str, value: Any, omitted: Any) -> bool:
-    """The example omits every key the condition names (see `_omitted_words`)."""
-    return all(key in omitted for key in ([value] if isinstance(value, str) else value))
+    return all(key in omitted for key in _omitted_named(value))
 
 
 def _omitted_words(op: str, value: Any) -> str:
-    """The keys whose omission the failure needs: all omitted ones ("="), else those whose writing
-    cured it."""
-    keys = [value] if isinstance(value, str) else list(value)
-    return f"config.json omits {' and '.join(keys)} (transformers' default)"
+    return f"config.json omits {' and '.join(_omitted_named(value))} (transformers' default)"
 
 
 def _corruption_for(corruption: Corruption | None, cfg: ErnieMoeConfig) -> Corruption | None:

@@ -102,8 +102,9 @@ class CheckpointFormat:
         if self.legacy_rope_theta:
             del hf["rope_parameters"]
             hf["rope_theta"] = cfg.rope_theta
+        omittable = omittable_keys(cfg)
         for key in self.omitted:
-            if key not in omittable_keys(cfg):
+            if key not in omittable:
                 raise ValueError(f"config.json may omit {key!r} only where it holds transformers' default; "
                                  f"{key}={getattr(cfg, key)!r} in {cfg.one_line()}")
             for spelled in (("rope_parameters", "rope_theta") if key == "rope_theta" else (key,)):
