@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--bridges", default=",".join(DEFAULT_BRIDGES))
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--max-examples", type=int, default=None)
+    parser.add_argument("--published-in-ten", type=int, default=None, help="as certify's (default 2)")
     parser.add_argument("--layouts", default=None, help="as certify's --layouts (default: every layout of up to 4 ranks)")
     args = parser.parse_args()
     rows = []
@@ -49,6 +50,8 @@ def main() -> None:
                        "--out", tmp, "--jobs", str(args.jobs)]
             if args.max_examples:
                 command += ["--max-examples", str(args.max_examples)]
+            if args.published_in_ten is not None:
+                command += ["--published-in-ten", str(args.published_in_ten)]
             if args.layouts:
                 command += ["--layouts", args.layouts]
             start = time.perf_counter()

@@ -1,10 +1,12 @@
 """Examples per minute and peak memory of each conformance property, at world size 1.
 
-    python benchmarks/bench_properties.py [--examples N] [--bridge NAME]
+    python benchmarks/bench_properties.py [--examples N] [--bridge NAME] [--structure NAME] [--dtype D]
 
 Runs each property the way the suite does (Hypothesis, derandomized) for N examples and prints a
 table: examples per minute (valid ones; rejected draws count towards the time, not the rate),
-peak resident memory of the process after the property, and where the time went.
+peak resident memory of the process after the property, and where the time went. `--structure`
+draws every config as that published structure (ernie_ref.published; widths narrowed as the suite
+narrows them), `small` as small configs alone; by default the suite's mix.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from conformance import properties  # noqa: E402
 from conformance.bridge import resolve_bridge  # noqa: E402
 from conformance.megatron_runtime import apply_cpu_patches, init_process_group_once  # noqa: E402
 from conformance.session import SuiteSession  # noqa: E402
+from conformance.strategies import ConfigLimits  # noqa: E402
 from conformance.suite.drawing import draw_case  # noqa: E402
+from ernie_ref.published import PUBLISHED_STRUCTURES  # noqa: E402
 from ernie_ref.layout import Layout  # noqa: E402
 
 PHASES: dict[str, float] = defaultdict(float)
@@ -76,10 +80,20 @@ def run_property(name: str, suite, examples: int) -> tuple[int, float]:
     return counts["valid"], time.perf_counter() - start
 
 
+def limits_for(structure: str) -> ConfigLimits:
+    if structure == "mix":
+        return ConfigLimits()
+    if structure == "small":
+        return ConfigLimits(published_in_ten=0)
+    return ConfigLimits(published_in_ten=10, structures=(structure,))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--examples", type=int, default=100)
     parser.add_argument("--bridge", default="reference")
+    parser.add_argument("--structure", choices=["mix", "small", *PUBLISHED_STRUCTURES], default="mix")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
     apply_cpu_patches()
     init_process_group_once()
@@ -87,7 +101,7 @@ def main() -> None:
     instrument(bridge)
     suite = SuiteSession(bridge=bridge, bridge_spec=args.bridge, bridge_version=bridge.version(),
                          counterexamples=Path("counterexamples"), layouts=[Layout()], checkpoint=None,
-                         dtypes=["float32"])
+                         dtypes=[args.dtype], config_limits=limits_for(args.structure))
     rows = []
     for name in ("import", "round_trip", "equivalence", "interop", "refusal"):
         PHASES.clear()
@@ -95,7 +109,8 @@ def main() -> None:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         phases = ", ".join(f"{k} {100 * v / seconds:.0f}%" for k, v in sorted(PHASES.items(), key=lambda kv: -kv[1]))
         rows.append((name, valid, seconds, 60 * valid / seconds, peak_mb, phases))
-    print(f"bridge {bridge.name} {bridge.version()}, {args.examples} examples per property, world size 1")
+    print(f"bridge {bridge.name} {bridge.version()}, {args.examples} examples per property, world size 1, "
+          f"configs: {args.structure}, {args.dtype}")
     print(f"| property | examples | seconds | examples/min | peak RSS MB | where the time goes |")
     print(f"|---|---:|---:|---:|---:|---|")
     for name, valid, seconds, rate, peak, phases in rows:

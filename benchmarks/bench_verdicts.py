@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--profile", default="ci", choices=["dev", "ci", "thorough"])
     parser.add_argument("--bridges", default=",".join(DEFAULT_BRIDGES))
     parser.add_argument("--max-examples", type=int, default=None)
+    parser.add_argument("--published-in-ten", type=int, default=None, help="as certify's (default 2)")
     args = parser.parse_args()
     rows = []
     for bridge in args.bridges.split(","):
@@ -34,6 +35,8 @@ def main() -> None:
                        "--out", tmp, "--jobs", "1"]
             if args.max_examples:
                 command += ["--max-examples", str(args.max_examples)]
+            if args.published_in_ten is not None:
+                command += ["--published-in-ten", str(args.published_in_ten)]
             start = time.perf_counter()
             subprocess.run(command, capture_output=True, text=True)
             wall = time.perf_counter() - start

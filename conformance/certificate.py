@@ -27,7 +27,7 @@ from .versions import package_version
 
 __all__ = ["SCHEMA", "build_certificate", "validate", "write_certificate", "plot_stage_errors", "render_markdown"]
 
-SCHEMA = "ernie-conformance/certificate/v3"
+SCHEMA = "ernie-conformance/certificate/v4"
 SCHEMA_FILE = Path(__file__).with_name("certificate.schema.json")
 
 
@@ -89,6 +89,8 @@ def build_certificate(
             "refusals": record.get("refusals", {}),
             "layouts": record.get("layouts", {}),
             "dtypes": record.get("dtypes", {}),
+            "structures": record.get("structures", {}),
+            "long_inputs": record.get("long_inputs", 0),
             "shrink_calls": record.get("shrink_calls", 0),
             "isolation_calls": record.get("isolation_calls", 0),
             "duration_s": result["duration_s"],
@@ -127,6 +129,8 @@ def build_certificate(
             "declared_unsupported": sum(refusals.values()),
             "layouts": dict(_summed(r.get("layouts", {}) for r in records)),
             "dtypes": dict(_summed(r.get("dtypes", {}) for r in records)),
+            "structures": dict(_summed(r.get("structures", {}) for r in records)),
+            "long_inputs": sum(r.get("long_inputs", 0) for r in records),
             "config_limits": _limits(records),
         },
         "checkpoint": relative(checkpoint, out_dir) if checkpoint else None,
@@ -312,9 +316,10 @@ def render_markdown(c: dict[str, Any]) -> str:
     ]
     lines += ["", "## What was tested", "",
               f"{t['examples']} valid examples over the five properties, from {t['draws']} draws: "
-              f"{t['declared_unsupported']} declared unsupported by the bridge, {t['ties']} set aside as routing ties, "
+              f"{t['declared_unsupported']} declared unsupported by the bridge, "
               f"{t.get('ill_conditioned', 0)} set aside as ill-conditioned (the fp32 oracle differs from float64 by "
-              f"more than {FP32_CONDITION_SHARE:g} x {FP32_RTOL:g}).",
+              f"more than {FP32_CONDITION_SHARE:g} x {FP32_RTOL:g}). In {t['ties']} valid examples the oracle decided a "
+              f"routing near-tie as the model under test did (a choice right up to the routing margin).",
               "", "| valid examples per layout | |", "|---|---:|"]
     lines += [f"| {layout} | {n} |" for layout, n in sorted(t["layouts"].items())]
     lines += ["", "| valid examples per checkpoint dtype | |", "|---|---:|"]
@@ -323,11 +328,18 @@ def render_markdown(c: dict[str, Any]) -> str:
         lines += ["", "Config limits in force (`conformance.strategies.ConfigLimits`), by dtype:", ""]
         lines += [f"- {dtype}: " + ", ".join(f"{k}={val}" for k, val in limits.items())
                   for dtype, limits in t["config_limits"].items()]
-    lines += ["", "## Published structures", "", "| structure | verdict | reason |", "|---|---|---|"]
-    lines += [f"| {s} | {e['verdict']} | {e['reason']} |" for s, e in c["published"].items()] or ["| (not run) | | |"]
+    covered = t.get("structures", {})
+    lines += ["", f"{t.get('long_inputs', 0)} valid examples had positions beyond 256."]
+    lines += ["", "## Published structures", "",
+              "Declared support, and the valid examples drawn with the structure (every structural field as "
+              "published; hidden size, MLP widths and vocabulary narrowed: `strategies.published_configs`).", "",
+              "| structure | verdict | reason | valid examples |", "|---|---|---|---:|"]
+    lines += [f"| {s} | {e['verdict']} | {e['reason']} | {covered.get(s, 0)} |" for s, e in c["published"].items()] \
+        or ["| (not run) | | | |"]
+    lines += [f"| {s} | (not checked) | | {n} |" for s, n in covered.items() if s not in c["published"]]
     lines += findings_markdown(c["findings"])
     lines += ["", "## Verdicts", "",
-              "| property | verdict | valid examples | draws | declared unsupported | ties | ill-conditioned | seconds | why |",
+              "| property | verdict | valid examples | draws | declared unsupported | near-ties followed | ill-conditioned | seconds | why |",
               "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for prop, e in c["properties"].items():
         lines.append(f"| {prop} | {e['verdict']} | {e['examples']} | {e['draws']} | {sum(e['refusals'].values())} | "

@@ -84,7 +84,8 @@ def _certify(args: argparse.Namespace) -> int:
     results_path.unlink(missing_ok=True)
     # Multi-rank layouts run on one pool of rank processes per pytest process: one pytest process
     # unless there are cores for several pools.
-    jobs = args.jobs if args.jobs is not None else max(1, min((os.cpu_count() or 1) // 4, 5))
+    # Two processes at least: a process spends most of a multi-rank example waiting on its rank pool.
+    jobs = args.jobs if args.jobs is not None else max(2, min((os.cpu_count() or 1) // 4, 5))
     command = [
         sys.executable, "-m", "pytest", "--pyargs", "conformance.suite",
         "--bridge", args.bridge, f"--hypothesis-profile=ernie-{args.profile}",
@@ -97,6 +98,8 @@ def _certify(args: argparse.Namespace) -> int:
         command += ["--max-examples", str(args.max_examples)]
     if args.max_shrinks is not None:
         command += ["--max-shrinks", str(args.max_shrinks)]
+    if args.published_in_ten is not None:
+        command += ["--published-in-ten", str(args.published_in_ten)]
     if args.checkpoint:
         command += ["--checkpoint", str(Path(args.checkpoint).resolve())]
     if args.xfails_file:
@@ -214,9 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     certify.add_argument("--checkpoint", default=None, help="certify on this HF checkpoint instead of drawn weights")
     certify.add_argument("--xfails-file", default=None, help="known failures of this bridge (finding ids)")
     certify.add_argument("--max-examples", type=int, default=None, help="override the profile's examples per property")
+    certify.add_argument("--published-in-ten", type=int, default=None, choices=range(11), metavar="N",
+                         help="of ten drawn configs, about how many take a published structure (default 2)")
     certify.add_argument("--max-shrinks", type=int, default=None,
                          help="examples run to shrink a failure, at most (default: the profile's)")
-    certify.add_argument("--jobs", type=int, default=None, help="pytest-xdist processes (default: CPUs / 4, at most 5)")
+    certify.add_argument("--jobs", type=int, default=None, help="pytest-xdist processes (default: CPUs / 4, at least 2, at most 5)")
     certify.set_defaults(run=_certify)
 
     replay = sub.add_parser("replay", help="re-run one saved counterexample exactly")

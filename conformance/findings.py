@@ -43,7 +43,7 @@ __all__ = ["Condition", "Trigger", "Finding", "signature", "cure", "isolate_trig
            "UNJUDGED"]
 
 # What running a moved example can give besides a PropertyFailure or the observed dict of a pass.
-UNJUDGED = "unjudged"  # a routing tie, a config the bridge declares unsupported
+UNJUDGED = "unjudged"  # an ill-conditioned example, a config the bridge declares unsupported
 
 
 # ------------------------------------------------------------------------------ signatures

@@ -42,6 +42,13 @@ class TransformersRun:
     selected_experts: dict[int, torch.Tensor]  # MoE layer index -> [T, K]
 
 
+def _expert_ids(router_output: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The chosen experts [T, K] among the router's outputs: the one integer tensor (transformers 5.12
+    returns (logits, experts, weights), 5.25 (logits, weights, experts))."""
+    [ids] = [t for t in router_output if not t.is_floating_point()]
+    return ids
+
+
 @torch.no_grad()
 def run_transformers(model: torch.nn.Module, input_ids: torch.Tensor) -> TransformersRun:
     outputs: list[torch.Tensor] = []
@@ -51,7 +58,7 @@ def run_transformers(model: torch.nn.Module, input_ids: torch.Tensor) -> Transfo
         hooks.append(layer.register_forward_hook(lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out)))
         gate = getattr(layer.mlp, "gate", None)
         if isinstance(gate, torch.nn.Module) and not isinstance(gate, torch.nn.Linear):  # the MoE router
-            hooks.append(gate.register_forward_hook(lambda m, a, out, i=i: selected.__setitem__(i, out[2])))
+            hooks.append(gate.register_forward_hook(lambda m, a, out, i=i: selected.__setitem__(i, _expert_ids(out))))
     try:
         logits = model(input_ids).logits
     finally:

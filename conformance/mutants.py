@@ -9,7 +9,8 @@ it (`killed_by`), what that failure must be (`expect`: its kind and facts, see
 `properties.FAILURE_KINDS`, so that a mutant killed for another reason fails its meta-test), and, in its
 docstring, the bug it stands for. Mutants that are right on one rank and wrong only when the
 model is split also name the one split layout that reveals them (`reveals_under`); mutants that are
-right for fp32 checkpoints and wrong for bf16 ones name that dtype (`reveals_in`).
+right for fp32 checkpoints and wrong for bf16 ones name that dtype (`reveals_in`); mutants right for
+every small config say so (`reveals_in_published_structures`).
 
 Use one as any bridge: `pytest --pyargs conformance --bridge conformance.mutants:TopKOffByOne`.
 """
@@ -52,6 +53,7 @@ class Mutant(ReferenceBridge):
     expect: dict = {}
     reveals_under: str | None = None  # a layout of several ranks, for bugs only a split shows
     reveals_in: str | None = None  # a checkpoint dtype ("bfloat16"), for bugs only that dtype shows
+    reveals_in_published_structures: bool = False  # for bugs only a published structure's size shows
 
     @classmethod
     def mismatch(cls, failure: dict | None) -> str | None:
@@ -435,6 +437,15 @@ class _ExpertsShifted(_RenamedView):
         return ".".join(parts)
 
 
+class _LayerIndexFirstDigit(_RenamedView):
+    def rename(self, mg_name):
+        parts = mg_name.split(".")
+        if parts[:2] != ["decoder", "layers"]:
+            return mg_name
+        parts[2] = parts[2][0]
+        return ".".join(parts)
+
+
 class _NormsSwapped(_RenamedView):
     def rename(self, mg_name):
         if mg_name.endswith("input_layernorm.weight"):
@@ -503,6 +514,19 @@ class ExpertsShifted(_ViewBridge):
     name, part, killed_by = "experts-shifted", "mapping", "equivalence"
     expect = {"kind": "divergence", "stage_kind": "experts"}
     view = _ExpertsShifted
+
+
+@mutant
+class LayerIndexReadAsOneDigit(_ViewBridge):
+    """A layer's index read as one digit (a pattern `layers\\.(\\d)\\.`): layers 10 and up load the
+    weights of the layer named by their first digit. Models of up to 10 layers convert exactly;
+    only a deep one (the published structures) shows it."""
+
+    name, part, killed_by = "layer-index-read-as-one-digit", "mapping", "equivalence"
+    # Layer 12 takes layer 1's weights: a divergence, or a KeyError where layer 1 is dense and 12 MoE.
+    expect = {"kind": ("divergence", "bridge raised")}
+    reveals_in_published_structures = True
+    view = _LayerIndexFirstDigit
 
 
 @mutant

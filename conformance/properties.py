@@ -28,12 +28,11 @@ from .cases import Case, Corruption
 from .distributed import INIT_SEEDS, run_on_ranks
 from .hf_transformers import load_transformers_model, run_transformers
 from .megatron_trace import merge_traces
-from .numerics import FP32_RTOL, Tolerance, min_routing_margin, relative_error, tolerance
+from .numerics import FP32_RTOL, NearTieFollower, Tolerance, relative_error, tolerance
 
 __all__ = [
     "PropertyFailure",
     "SetAside",
-    "NearTie",
     "IllConditioned",
     "StructureRefused",
     "check_published_structure",
@@ -125,12 +124,6 @@ class SetAside(Exception):
     reason = ""
 
 
-class NearTie(SetAside):
-    """The oracle's routing has a near-tie: other rounding may choose other experts."""
-
-    reason = "routing tie"
-
-
 class IllConditioned(SetAside):
     """The example amplifies fp32 rounding so much that a right fp32 bridge may differ from the
     fp32 oracle by more than the tolerance (numerics.FP32_CONDITION_SHARE)."""
@@ -168,7 +161,7 @@ def run_property(prop: str, bridge: Bridge, case: Case) -> dict[str, Any]:
 
     Returns what the example observed beyond passing (the refusal property: whether the error
     named the corruption). Raises PropertyFailure when the property does not hold, SetAside when
-    the example cannot judge the bridge (a routing tie, an ill-conditioned example); any other
+    the example cannot judge the bridge (an ill-conditioned example); any other
     exception is an error of the suite, not of the bridge.
     """
     if prop not in PROPERTIES:
@@ -363,29 +356,38 @@ def check_round_trip(bridge: Bridge, case: Case, hf_dir: Path, out_dir: Path) ->
 
 
 # ---------------------------------------------------------------------------- 3. equivalence
-def oracle_trace(case: Case, hf_dir: Path, tol: Tolerance) -> Trace:
+def oracle_trace(case: Case, hf_dir: Path, tol: Tolerance, other: dict[int, torch.Tensor]) -> tuple[Trace, int]:
     """The oracle's trace, computed in fp32 whatever the checkpoint's dtype, to compare with a
-    model held to `tol`. Raises NearTie when a routing decision is closer than its routing margin,
-    IllConditioned when the tolerance has a conditioning rule (fp32's) and the example amplifies
-    rounding past its share of the tolerance."""
+    model held to `tol` that chose the experts `other` (per MoE layer index, [T, K]): each near-tie
+    is decided as that model decided it, where its choice is right up to the routing margin
+    (`numerics.NearTieFollower`). Returns the trace and how many tokens were decided that way.
+    Raises IllConditioned when the tolerance has a conditioning rule (fp32's) and the example
+    amplifies rounding past its share of the tolerance."""
     oracle = ErnieMoeForCausalLM.from_pretrained(hf_dir).float()
+    follower = NearTieFollower(other, tol.routing_margin)
+    follower.attach(oracle)
     input_ids = case.inputs.input_ids(case.config.vocab_size)
     trace = oracle(input_ids, trace=True)
-    if (margin := min_routing_margin(trace)) < tol.routing_margin:
-        raise NearTie(f"routing margin {margin:.3g} < {tol.routing_margin}")
     if tol.condition_share is not None and (
-            condition := conditioning_error(oracle, input_ids, trace)) > tol.condition_share * tol.rtol:
+            condition := conditioning_error(oracle, input_ids, trace, tol.routing_margin)) > tol.condition_share * tol.rtol:
         raise IllConditioned(f"the fp32 oracle differs from float64 by {condition:.3g} "
                              f"> {tol.condition_share:g} x {tol.rtol:g}")
-    return trace
+    return trace, follower.followed
 
 
-def conditioning_error(oracle: ErnieMoeForCausalLM, input_ids: torch.Tensor, trace: Trace) -> float:
+def chosen_experts(trace: Trace) -> dict[int, torch.Tensor]:
+    """{MoE layer index: chosen experts [T, K]} of a trace."""
+    return {i: layer.routing.expert_ids for i, layer in enumerate(trace.layers) if layer.routing is not None}
+
+
+def conditioning_error(oracle: ErnieMoeForCausalLM, input_ids: torch.Tensor, trace: Trace, margin: float) -> float:
     """How far `trace`, the fp32 `oracle`'s on `input_ids`, is from the same weights computed in
-    float64: the worst stage error, inf when some token's routing differs. It measures how much
-    fp32 rounding the example amplifies (see numerics.FP32_CONDITION_SHARE)."""
-    exact = copy.deepcopy(oracle).double()(input_ids, trace=True)
-    return worst_stage_error(stage_errors(trace, exact, oracle.config))
+    float64 (near-ties within `margin` decided as in `trace`): the worst stage error, inf when some
+    token's routing differs. It measures how much fp32 rounding the example amplifies (see
+    numerics.FP32_CONDITION_SHARE)."""
+    exact = copy.deepcopy(oracle).double()
+    NearTieFollower(chosen_experts(trace), margin).attach(exact)
+    return worst_stage_error(stage_errors(trace, exact(input_ids, trace=True), oracle.config))
 
 
 def worst_stage_error(errors: list[tuple[str, float]]) -> float:
@@ -465,8 +467,8 @@ def check_equivalence(bridge: Bridge, case: Case, hf_dir: Path) -> dict[str, Any
     oracle in fp32 on the same weights). Returns {"stage_errors": ...} (the findings' trigger
     isolation reads how far below the tolerance a passing example is)."""
     tol: Tolerance = tolerance(case.dtype)
-    expected = oracle_trace(case, hf_dir, tol)
     actual = merge_traces(run_on_ranks("trace", bridge, case, hf_dir))
+    expected, followed = oracle_trace(case, hf_dir, tol, chosen_experts(actual))
     errors = stage_errors(actual, expected, case.config)
     if (divergence := first_divergence(errors, tol.rtol)) is not None:
         stage, where = divergence
@@ -475,26 +477,27 @@ def check_equivalence(bridge: Bridge, case: Case, hf_dir: Path) -> dict[str, Any
             kind="divergence", facts={"stage": stage, "stage_kind": stage_kind(stage)},
             evidence={"stage_errors": errors},
         )
-    return {"stage_errors": errors}
+    return {"stage_errors": errors, "near_tie_tokens": followed}
 
 
 # ---------------------------------------------------------------------------- 4. interop
-def check_interop(bridge: Bridge, case: Case, hf_dir: Path, out_dir: Path) -> None:
-    """The exported directory loads in transformers, keys exactly right, and gives the oracle's logits.
-    Both run in fp32 on the exported weights (transformers upcasts a bf16 export), so the fp32
-    tolerance holds for every dtype."""
-    expected = oracle_trace(case, hf_dir, tolerance("float32"))
+def check_interop(bridge: Bridge, case: Case, hf_dir: Path, out_dir: Path) -> dict[str, Any]:
+    """The exported directory loads in transformers, keys exactly right, and gives the oracle's logits
+    (near-ties decided as transformers decided them). Both run in fp32 on the exported weights
+    (transformers upcasts a bf16 export), so the fp32 tolerance holds for every dtype."""
     run_on_ranks("export", bridge, case, hf_dir, out_dir)
     try:
         model = load_transformers_model(out_dir)
     except Exception as e:  # noqa: BLE001 - any failure to load is the finding
         raise PropertyFailure("interop", case, f"transformers cannot load the export: {type(e).__name__}: {e}",
                               kind="transformers cannot load", facts={"exception": type(e).__name__}) from e
-    logits = run_transformers(model, case.inputs.input_ids(case.config.vocab_size)).logits
-    err = relative_error(logits, expected.logits)
+    run = run_transformers(model, case.inputs.input_ids(case.config.vocab_size))
+    expected, followed = oracle_trace(case, hf_dir, tolerance("float32"), run.selected_experts)
+    err = relative_error(run.logits, expected.logits)
     if err > FP32_RTOL:
         raise PropertyFailure("interop", case, f"transformers on the export: logits relative error {err:.3g} > {FP32_RTOL}",
                               kind="logits differ")
+    return {"near_tie_tokens": followed}
 
 
 # ---------------------------------------------------------------------------- 5. refusal

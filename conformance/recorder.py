@@ -14,6 +14,12 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ernie_ref.published import structure_of
+
+# Positions beyond this are "long" in the certificate: past where short-context bugs hide (rotary
+# angles at a large theta, attention over many keys).
+LONG_POSITIONS = 256
+
 __all__ = ["Tally", "Recorder", "SessionRecord", "RECORDER", "STATUSES", "verdict_of"]
 
 
@@ -23,11 +29,13 @@ class Tally:
 
     draws: int = 0  # configs drawn and put to the bridge's unsupported()
     refusals: Counter[str] = field(default_factory=Counter)  # declared unsupported, by reason
-    ties: int = 0  # examples set aside: the oracle's routing has a near-tie
+    ties: int = 0  # valid examples with a routing near-tie that the oracle decided as the model under test did
     ill_conditioned: int = 0  # examples set aside: they amplify fp32 rounding past the tolerance
     valid: int = 0  # examples that ran to a verdict
     layouts: Counter[str] = field(default_factory=Counter)  # valid examples per layout
     dtypes: Counter[str] = field(default_factory=Counter)  # valid examples per checkpoint dtype
+    structures: Counter[str] = field(default_factory=Counter)  # valid examples per published structure (narrowed)
+    long_inputs: int = 0  # valid examples with positions beyond LONG_POSITIONS
     refusal_named: Counter[str] = field(default_factory=Counter)  # refusal errors: "named" / "unnamed"
     limits: dict[str, dict[str, Any]] = field(default_factory=dict)  # config limits in force, per dtype
     first_failure: dict[str, float] | None = None  # before shrinking: example number, seconds
@@ -81,11 +89,9 @@ class Recorder:
     # such, not as a valid example. (A moved example of trigger isolation counts by count_isolation
     # alone.)
     def count_set_aside(self, reason: str, shrinking: bool = False) -> None:
-        """An example set aside (properties.SetAside) for `reason`: "routing tie" or "ill-conditioned"."""
+        """An example set aside (properties.SetAside) for `reason`: "ill-conditioned"."""
         if shrinking:
             self.tally.shrink_calls += 1
-        elif reason == "routing tie":
-            self.tally.ties += 1
         elif reason == "ill-conditioned":
             self.tally.ill_conditioned += 1
         else:
@@ -99,12 +105,18 @@ class Recorder:
         self._count_example(case)
         if "named" in observed:
             tally.refusal_named["named" if observed["named"] else "unnamed"] += 1
+        if observed.get("near_tie_tokens"):
+            tally.ties += 1
 
     def _count_example(self, case: Any) -> None:
         tally = self.tally
         tally.valid += 1
         tally.layouts[str(case.layout)] += 1
         tally.dtypes[case.dtype] += 1
+        if (structure := structure_of(case.config)) is not None:
+            tally.structures[structure] += 1
+        if case.inputs.seq_len > LONG_POSITIONS:
+            tally.long_inputs += 1
 
     def count_isolation(self) -> None:
         self.tally.isolation_calls += 1

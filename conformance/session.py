@@ -24,3 +24,6 @@ class SuiteSession:
     max_findings: int = 10  # findings searched for per property, at most
     isolate_triggers: bool = True  # False (--no-triggers): stop at the first failure, its trigger unknown
     known_findings: dict[str, str] = field(default_factory=dict)  # finding id -> comment (known-failures file)
+    # Bounds of drawn configs (strategies.ConfigLimits; None: the defaults). Each dtype's minimum
+    # hidden size is applied on top (numerics.Tolerance.min_hidden_size).
+    config_limits: Any = None

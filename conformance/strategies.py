@@ -1,5 +1,5 @@
-"""Hypothesis strategies: small valid ERNIE 4.5 MoE configs, checkpoint formats, weights seeds
-and inputs.
+"""Hypothesis strategies: valid ERNIE 4.5 MoE configs (small ones, and the published structures
+with narrowed widths), checkpoint formats, weights seeds and inputs.
 
 Everything is valid by construction: divisors are drawn rather than filtered, and the MoE layer
 pattern is drawn around a layer that is sure to be MoE. The suite's tests draw these with
@@ -16,16 +16,21 @@ from hypothesis import strategies as st
 from ernie_ref import CheckpointFormat, ErnieMoeConfig
 from ernie_ref.checkpoint import omittable_keys
 from ernie_ref.layout import Layout
+from ernie_ref.published import PUBLISHED_STRUCTURES
 
 from .cases import Corruption, Inputs
+from .recorder import LONG_POSITIONS
 
-__all__ = ["ConfigLimits", "configs", "layouts", "layer_patterns", "checkpoint_formats", "seeds", "inputs", "corruptions", "misshaped",
-           "plausible_extra_tensors", "contradicting_changes"]
+__all__ = ["ConfigLimits", "configs", "published_configs", "fitting_structures", "layouts", "layer_patterns",
+           "checkpoint_formats", "seeds", "inputs", "corruptions", "misshaped", "plausible_extra_tensors",
+           "contradicting_changes"]
 
 
 @dataclass(frozen=True)
 class ConfigLimits:
-    """Upper bounds for drawn configs; the defaults keep one example well under a second."""
+    """Bounds for drawn configs. The small draws (the bounds below) keep one example well under a
+    second and shrink well; `published_in_ten` of every ten config draws take a published
+    structure instead (`published_configs`), whose widths are narrowed to `narrow_*`."""
 
     max_layers: int = 4
     max_kv_heads: int = 3
@@ -36,6 +41,12 @@ class ConfigLimits:
     max_experts: int = 6
     max_vocab: int = 96
     allow_bias: bool = True
+    published_in_ten: int = 2  # 0: small draws only
+    structures: tuple[str, ...] = tuple(PUBLISHED_STRUCTURES)  # the published structures drawn
+    narrow_hidden: int = 64  # the narrowed widths of published structures: hidden (from min_hidden, at least 16),
+    narrow_intermediate: int = 32  # the dense MLP,
+    narrow_moe_intermediate: int = 16  # one routed expert (at least 4),
+    narrow_vocab: int = 256  # and the vocabulary (at least 64)
 
 
 @st.composite
@@ -76,16 +87,58 @@ def layouts(max_world: int) -> st.SearchStrategy[Layout]:
     return st.sampled_from(all_layouts(max_world))
 
 
+def fitting_structures(layout: Layout) -> list[str]:
+    """The published structures that `layout` splits as published: whole layers per pipeline stage
+    (and virtual stage), key/value heads across tensor-parallel ranks, experts across expert-
+    parallel ranks. (21B-A3B's 28 layers take pp 2 with vpp 2 and pp 4; 300B-A47B's 54, pp 2.)"""
+    return [name for name, hf in PUBLISHED_STRUCTURES.items()
+            if hf["num_hidden_layers"] % (layout.pp * layout.vpp) == 0
+            and hf["num_key_value_heads"] % layout.tp == 0 and hf["moe_num_experts"] % layout.ep == 0]
+
+
+@st.composite
+def published_configs(draw: st.DrawFn, name: str, limits: ConfigLimits = ConfigLimits(),
+                      layout: Layout = Layout()) -> ErnieMoeConfig:
+    """The published structure `name` (every structural field as published: layers, heads, key/
+    value heads, head_dim, experts, k, shared experts, layer pattern, tie) with the widths that
+    cost time on a CPU narrowed: hidden size (head_dim stays 128, so config.json keeps head_dim),
+    the MLP widths and the vocabulary, in multiples of `layout`'s tp."""
+    tp = layout.tp
+
+    def width(low: int, high: int) -> st.SearchStrategy[int]:
+        return st.integers(max(1, -(-low // tp)), max(1, high // tp)).map(lambda n: n * tp)
+
+    low_hidden = max(16, limits.min_hidden)
+    hf = dict(PUBLISHED_STRUCTURES[name])
+    hf.update(
+        hidden_size=draw(st.integers(low_hidden // 2, max(low_hidden, limits.narrow_hidden) // 2).map(lambda n: 2 * n)),
+        intermediate_size=draw(width(8, limits.narrow_intermediate)),
+        moe_intermediate_size=draw(width(4, limits.narrow_moe_intermediate)),
+        vocab_size=draw(width(64, limits.narrow_vocab)),
+    )
+    return ErnieMoeConfig.from_hf(hf)
+
+
 @st.composite
 def configs(draw: st.DrawFn, limits: ConfigLimits = ConfigLimits(), layout: Layout = Layout(), **fixed: Any) -> ErnieMoeConfig:
-    """A small, valid `ErnieMoeConfig` that `layout` can split. Keyword arguments fix HF config
-    keys instead of drawing them.
+    """A valid `ErnieMoeConfig` that `layout` can split: in `limits.published_in_ten` of ten draws
+    a published structure that fits the layout (`published_configs`), else a small one. Keyword
+    arguments fix HF config keys instead of drawing them (and then the config is a small one).
 
     The layout's divisibility rules are met by construction: layers in multiples of pp * vpp,
     key/value heads, vocab and MLP widths in multiples of tp (routed experts are whole on one
     rank, but the shared-expert width moe_intermediate_size * shared must split), experts in
     multiples of ep.
     """
+
+    structures = [name for name in fitting_structures(layout) if name in limits.structures] \
+        if limits.published_in_ten and not fixed else []
+    if structures:
+        # Ten slots, the published ones last, so that a failure shrinks towards a small config.
+        # (Hypothesis draws an integer's bounds more often than the values between them: the share
+        # comes out a little above the nominal one; tests/test_published_draws.py measures it.)
+        if draw(st.integers(0, 9)) >= 10 - limits.published_in_ten:
+            return draw(published_configs(draw(st.sampled_from(structures)), limits, layout))
 
     def pick(name: str, strategy: st.SearchStrategy[Any]) -> Any:
         return fixed[name] if name in fixed else draw(strategy)
@@ -160,13 +213,18 @@ def seeds() -> st.SearchStrategy[int]:
     return st.integers(0, 2**31 - 1)
 
 
+# Sequences: short ones (they shrink well), and in about `long_in_ten` of ten draws one sequence
+# with positions beyond 256, where rotary embeddings at a large theta and attention over many keys
+# differ from short ones. (A long batch of 4 costs ten times as much on a CPU and adds nothing that
+# a short batch of 4 does not.)
+LONG_SEQ_LENS = (LONG_POSITIONS + 1, 1024)
+
+
 @st.composite
-def inputs(draw: st.DrawFn, max_batch: int = 2, max_seq_len: int = 8) -> Inputs:
-    return Inputs(
-        batch=draw(st.integers(1, max_batch)),
-        seq_len=draw(st.integers(1, max_seq_len)),
-        seed=draw(seeds()),
-    )
+def inputs(draw: st.DrawFn, max_batch: int = 4, max_seq_len: int = 8, long_in_ten: int = 1) -> Inputs:
+    if long_in_ten and draw(st.integers(0, 9)) >= 10 - long_in_ten:
+        return Inputs(batch=1, seq_len=draw(st.integers(*LONG_SEQ_LENS)), seed=draw(seeds()))
+    return Inputs(batch=draw(st.integers(1, max_batch)), seq_len=draw(st.integers(1, max_seq_len)), seed=draw(seeds()))
 
 
 @st.composite

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +148,10 @@ class SparseMoe(nn.Module):
             if cfg.moe_num_shared_experts > 0
             else None
         )
+        # Where two experts' selection scores are closer than rounding can separate, either choice
+        # is right. A comparison with another implementation sets this to take that one's choice
+        # there: (selection [T, E], own choice [T, K]) -> choice [T, K], by descending score.
+        self.decide_near_ties: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def route(self, x: torch.Tensor) -> RoutingTrace:
         """x [T, H] -> which K experts each token goes to, and with what weight."""
@@ -155,6 +160,8 @@ class SparseMoe(nn.Module):
         selection = probs + fp32_or_wider(self.moe_statics.e_score_correction_bias)[0]  # [T, E]
         ranked, order = selection.sort(dim=-1, descending=True, stable=True)  # [T, E]
         expert_ids = order[:, : self.k]  # [T, K]
+        if self.decide_near_ties is not None:
+            expert_ids = self.decide_near_ties(selection, expert_ids)  # [T, K]
         chosen = probs.gather(-1, expert_ids)  # [T, K]
         weights = chosen / chosen.sum(-1, keepdim=True).clamp(min=self.norm_min)  # [T, K]
         if self.k < ranked.shape[-1]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from .config import ErnieMoeConfig
 
-__all__ = ["PUBLISHED_STRUCTURES", "PUBLISHED_EXTRA_KEYS", "published_config"]
+__all__ = ["PUBLISHED_STRUCTURES", "PUBLISHED_EXTRA_KEYS", "STRUCTURAL_FIELDS", "published_config", "structure_of"]
 
 _COMMON: dict[str, Any] = {
     "vocab_size": 103424,
@@ -48,6 +48,24 @@ def published_config(name: str) -> ErnieMoeConfig:
     if name not in PUBLISHED_STRUCTURES:
         raise KeyError(f"{name!r}: not a published structure ({', '.join(PUBLISHED_STRUCTURES)})")
     return ErnieMoeConfig.from_hf(PUBLISHED_STRUCTURES[name])
+
+
+# What makes a model one of the published structures: every field but the widths (hidden,
+# intermediate and expert sizes, vocab), which only scale the work. A model with these fields of a
+# published structure exercises the same layer and expert indices, head grouping, routing fan-out,
+# layer pattern and tying as the published model.
+STRUCTURAL_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "moe_num_experts", "moe_k", "moe_num_shared_experts", "moe_layer_start_index",
+                     "moe_layer_end_index", "moe_layer_interval", "tie_word_embeddings")
+
+
+def structure_of(cfg: ErnieMoeConfig) -> str | None:
+    """The published structure whose structural fields `cfg` has (widths may be narrowed), or None."""
+    for name in PUBLISHED_STRUCTURES:
+        published = published_config(name)
+        if all(getattr(cfg, f) == getattr(published, f) for f in STRUCTURAL_FIELDS):
+            return name
+    return None
 
 
 # Keys of the published config.json files that transformers does not read: Baidu's training

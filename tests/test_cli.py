@@ -16,9 +16,12 @@ from conformance.cases import Case, Inputs
 from conformance.properties import PropertyFailure, run_property
 from ernie_ref.megatron import ReferenceBridge
 from ernie_ref import ErnieMoeConfig, random_checkpoint
+from ernie_ref.published import PUBLISHED_STRUCTURES
 
 HERE = Path(__file__).parent
-SMALL = ["--max-examples", "10", "--jobs", "1"]
+# The machinery under test, not the drawn space: small configs alone (the tox command certifies the
+# reference bridge on the published structures too).
+SMALL = ["--max-examples", "10", "--jobs", "1", "--published-in-ten", "0"]
 
 
 def cli(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -59,9 +62,17 @@ def assert_no_absolute_paths(cert: Path, root: Path) -> None:
 
 @pytest.mark.whole_runs
 def test_no_arguments_certifies_the_reference_bridge(tmp_path: Path) -> None:
+    """The README's first line, and CI's one run of the suite on the reference bridge with the
+    published structures' share of draws (see tox.ini)."""
     run = cli(cwd=tmp_path)  # no arguments at all: the reference bridge, ci profile, into ./certificate
     assert run.returncode == 0, run.stdout + run.stderr
-    assert json.loads((tmp_path / "certificate" / "certificate.json").read_text())["bridge"]["spec"] == "reference"
+    certificate = json.loads((tmp_path / "certificate" / "certificate.json").read_text())
+    assert certificate["bridge"]["spec"] == "reference" and certificate["conforms"], certificate["headline"]
+    for prop, entry in certificate["properties"].items():
+        published = sum(entry["structures"].values())
+        assert published * 10 >= entry["examples"], f"{prop}: {entry['structures']} of {entry['examples']} examples"
+    assert set(certificate["tested"]["structures"]) == set(PUBLISHED_STRUCTURES), certificate["tested"]["structures"]
+    assert certificate["tested"]["long_inputs"] > 0, certificate["tested"]
 
 
 @pytest.mark.whole_runs
@@ -142,7 +153,7 @@ def test_plain_pytest_failure_saves_a_counterexample_named_in_the_message(pytest
     db = tmp_path / "db"
     result = pytester.runpytest_subprocess(
         "--pyargs", "conformance", "--bridge", "conformance.mutants:GateUpSwappedOnExport", "-k", "round_trip",
-        "--hypothesis-profile=ernie-dev", "--hypothesis-db", str(db), "-p", "no:cacheprovider")
+        "--hypothesis-profile=ernie-dev", "--hypothesis-db", str(db), "--published-in-ten", "0", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     [saved] = list((tmp_path / "ce").iterdir())
     result.stdout.fnmatch_lines([f"*reproduce with: ernie-conformance replay {saved}*"])

@@ -19,7 +19,8 @@ HERE = Path(__file__).parent
 
 def run_suite(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
     pytester._monkeypatch.setenv("PYTHONPATH", str(HERE), prepend=":")
-    return pytester.runpytest_subprocess("--pyargs", "conformance", "-p", "no:cacheprovider", "-W", "ignore", *args)
+    return pytester.runpytest_subprocess("--pyargs", "conformance", "-p", "no:cacheprovider", "-W", "ignore",
+                                         "--published-in-ten", "0", *args)
 
 
 def test_reference_is_registered_and_importable_by_path() -> None:

@@ -24,7 +24,7 @@ def biased_config(tie: bool, shared: int, layers: int = 2) -> ErnieMoeConfig:
 
 
 def run_all(case: Case) -> list[str]:
-    """Run the four properties that load the checkpoint; returns those set aside (routing ties)."""
+    """Run the four properties that load the checkpoint; returns those set aside (ill-conditioned)."""
     set_aside = []
     for prop in ("import", "round_trip", "equivalence", "interop"):
         try:

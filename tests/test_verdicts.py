@@ -35,6 +35,7 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.whole_runs
 def test_a_bridge_that_refuses_almost_everything_does_not_conform(tmp_path: Path) -> None:
     run = cli("certify", "--bridge", "verdict_bridges:RefusesAlmostEverything", "--out", "cert", "--max-examples", "10",
+              "--published-in-ten", "0",
               "--jobs", "1", "--layouts", ONE_RANK, cwd=tmp_path)
     assert run.returncode == 1, run.stdout + run.stderr
     c = json.loads((tmp_path / "cert" / "certificate.json").read_text())
@@ -73,6 +74,7 @@ def test_an_error_of_the_suite_is_not_a_verdict_on_the_bridge(pytester: pytest.P
     run = pytester.runpytest_subprocess(
         "-p", "break_the_oracle", "--pyargs", "conformance", "--bridge", "reference", "-k", "equivalence or interop",
         "--max-examples", "3", "--layouts", ONE_RANK, "--results-json", str(results), "-p", "no:cacheprovider",
+        "--published-in-ten", "0",
         "-W", "ignore", "--counterexamples", str(pytester.path / "ce"))
     assert run.ret == pytest.ExitCode.TESTS_FAILED
     outcomes = {r["test"].rsplit("::", 1)[-1]: r for r in json.loads(results.read_text())["results"]}
@@ -149,6 +151,7 @@ def test_a_bridge_whose_load_always_raises_fails_every_property(tmp_path: Path) 
     """What certify says of it: five failures, each the bridge's own error with its traceback, and a
     counterexample shrunk within the bound on shrinking (so this takes seconds per property)."""
     run = cli("certify", "--bridge", "conformance.mutants:LoadAlwaysRaises", "--out", "cert", "--max-examples", "10",
+              "--published-in-ten", "0",
               "--jobs", "1", cwd=tmp_path)
     assert run.returncode == 1, run.stdout + run.stderr
     c = json.loads((tmp_path / "cert" / "certificate.json").read_text())
@@ -180,6 +183,7 @@ def test_ill_conditioned_fp32_examples_are_set_aside(tmp_path: Path) -> None:
     so a bridge cannot move it; it sets aside the example whose own rounding error is near the
     tolerance and keeps the same structure with a sane eps, and it applies to fp32 only."""
     from conformance.numerics import FP32_CONDITION_SHARE, FP32_RTOL, tolerance
+    from conformance.numerics import ROUTING_MARGIN
     from conformance.properties import IllConditioned, conditioning_error, oracle_trace, prepare_checkpoint
     from ernie_ref import ErnieMoeForCausalLM
 
@@ -188,12 +192,12 @@ def test_ill_conditioned_fp32_examples_are_set_aside(tmp_path: Path) -> None:
         hf = prepare_checkpoint(case, tmp_path / name)
         oracle = ErnieMoeForCausalLM.from_pretrained(hf).float()
         ids = case.inputs.input_ids(case.config.vocab_size)
-        condition = conditioning_error(oracle, ids, oracle(ids, trace=True))
+        condition = conditioning_error(oracle, ids, oracle(ids, trace=True), ROUTING_MARGIN)
         if case is ill:
             assert condition > FP32_CONDITION_SHARE * FP32_RTOL, condition
             with pytest.raises(IllConditioned, match="differs from float64 by"):
-                oracle_trace(case, hf, tolerance("float32"))
-            oracle_trace(case, hf, tolerance("bfloat16"))  # a bf16 model's tolerance includes its rounding
+                oracle_trace(case, hf, tolerance("float32"), {})
+            oracle_trace(case, hf, tolerance("bfloat16"), {})  # a bf16 model's tolerance includes its rounding
         else:
             assert condition < FP32_CONDITION_SHARE * FP32_RTOL, condition
-            oracle_trace(case, hf, tolerance("float32"))
+            oracle_trace(case, hf, tolerance("float32"), {})

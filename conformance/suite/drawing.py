@@ -13,6 +13,7 @@ from hypothesis.errors import FailedHealthCheck, Unsatisfiable
 
 from ernie_ref import CheckpointFormat
 from ernie_ref.checkpoint import read_config
+from ernie_ref.published import structure_of
 
 from ..bridge import BridgeError, bridge_call
 from ..cases import Case
@@ -41,13 +42,17 @@ def draw_case(data: st.DataObject, suite: SuiteSession, prop: str, earlier: set[
     if suite.checkpoint is not None:
         cfg = read_config(suite.checkpoint)  # the suite fixture kept only layouts that fit it
     else:
-        limits = ConfigLimits(min_hidden=tolerance(dtype).min_hidden_size)  # bf16 needs wider models
+        limits = dataclasses.replace(suite.config_limits or ConfigLimits(),  # bf16 needs wider models
+                                     min_hidden=tolerance(dtype).min_hidden_size)
         RECORDER.note_limits(dtype, dataclasses.asdict(limits))
         cfg = data.draw(configs(limits, layout=layout), label="config")
+    # A published structure's examples keep to short inputs: its many layers and experts already
+    # cost seconds each on a CPU (long sequences are drawn with the small configs).
+    published = structure_of(cfg) is not None
     case = Case(
         config=cfg,
         weights_seed=data.draw(seeds(), label="weights seed") if suite.checkpoint is None else None,
-        inputs=data.draw(inputs(), label="inputs"),
+        inputs=data.draw(inputs(max_batch=2, max_seq_len=16, long_in_ten=0) if published else inputs(), label="inputs"),
         layout=layout,
         corruption=(data.draw(corruptions(cfg, config_only=suite.checkpoint is not None), label="corruption")
                     if prop == "refusal" else None),
