@@ -41,7 +41,7 @@ def _bridges(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     from .bridge import resolve_bridge
     from .counterexample import Counterexample
-    from .megatron_runtime import apply_cpu_patches, init_process_group_once
+    from .megatron_runtime import apply_cpu_patches, init_process_group_once, one_thread_per_process
     from .properties import PropertyFailure, SetAside, run_property
 
     example = Counterexample.load(args.file)
@@ -51,6 +51,7 @@ def _replay(args: argparse.Namespace) -> int:
           f"(saved with {example.bridge_version})")
     print(f"  {case.describe()}")
     print(f"  saved failure: {example.message.splitlines()[0]}")
+    one_thread_per_process()
     apply_cpu_patches()
     init_process_group_once()
     try:

@@ -254,7 +254,7 @@ def _config_moves(case: Case, changes: list[dict[str, Any]]) -> Iterator[Case]:
             continue
         if not cfg.moe_layers or case.layout.problem(cfg) is not None:
             continue
-        if cfg.hidden_size < tolerance(case.dtype).min_hidden_size:
+        if not tolerance(case.dtype).admits(cfg):
             continue
         corruption = _corruption_for(case.corruption, cfg)
         if case.corruption is not None and corruption is None:
@@ -469,7 +469,7 @@ def _dtype_moves(case: Case, ctx: MoveContext) -> Iterator[tuple[Any, Case]]:
     if case.checkpoint is not None:
         return
     for dtype in ctx.dtypes:
-        if dtype != case.dtype and case.config.hidden_size >= tolerance(dtype).min_hidden_size:
+        if dtype != case.dtype and tolerance(dtype).admits(case.config):
             yield dtype, replace(case, dtype=dtype)
 
 

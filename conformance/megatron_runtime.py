@@ -24,6 +24,8 @@ Public API
     Explicit bool mask ``[1, 1, s, s]``, True = masked.  Pass it to
     ``GPTModel.forward(attention_mask=...)``: Megatron's own default causal mask
     is created with ``device="cuda"``.
+``one_thread_per_process()``
+    One intra-op thread in this process: every process of the suite does this.
 ``megatron_core_version()``
 
 Patches are guarded by feature detection (attribute presence), not version
@@ -563,6 +565,16 @@ def _patch_jit_fuser() -> None:
         "megatron.core.jit.jit_fuser",
         f"torch.compile -> no-op decorator; {count} compiled megatron functions set back to eager",
     )
+
+
+def one_thread_per_process() -> None:
+    """One intra-op thread in this process, as in every process of the suite (pytest and its xdist
+    workers, certify's, the rank processes). The suite's tensors are tiny and its processes share
+    few cores; with a thread per core each, OpenMP's waiting threads take the cores from each other
+    and a small scatter_add takes milliseconds instead of microseconds (measured on 2 cores beside
+    one busy process: the oracle's forward of a published structure, 28 layers of 64 experts,
+    0.08 s with one thread, 1.6 s in fp32 and 11 s in float64 with two)."""
+    torch.set_num_threads(1)
 
 
 def apply_cpu_patches() -> None:

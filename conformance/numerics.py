@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ernie_ref import Trace
+from ernie_ref import ErnieMoeConfig, Trace
+from ernie_ref.published import structure_of
 
 __all__ = ["FP32_RTOL", "FP32_CONDITION_SHARE", "ROUTING_MARGIN", "BF16_RTOL", "BF16_ROUTING_MARGIN", "Tolerance", "tolerance",
            "relative_error", "min_routing_margin", "is_near_tie", "acceptable_choice", "NearTieFollower"]
@@ -62,20 +63,32 @@ class Tolerance:
     rtol: float  # relative error (`relative_error`) of every stage and of the logits
     routing_margin: float  # examples with a routing decision closer than this are ties
     min_hidden_size: int = 2  # configs with a smaller hidden size are not drawn for this dtype
+    min_published_hidden_size: int = 16  # nor published structures (narrowed widths) with a smaller one
     # Examples whose oracle differs from float64 by more than this share of rtol are set aside as
     # ill-conditioned (None: no such rule; a bf16 model's own rounding is far larger, and its
     # tolerance was measured with it).
     condition_share: float | None = None
+
+    def admits(self, cfg: ErnieMoeConfig) -> bool:
+        """Whether configs like `cfg` are drawn for this dtype (its hidden size is large enough)."""
+        published = structure_of(cfg) is not None
+        return cfg.hidden_size >= (self.min_published_hidden_size if published else self.min_hidden_size)
 
 
 # bf16 with a hidden size under 16: a norm over a few elements amplifies bf16 rounding without
 # bound (a token whose few hidden values are all small), and a right bf16 model then differs from
 # the oracle by more than any useful tolerance (measured: 1.6 at hidden 2, 0.13 at 4, 0.11 at 10).
 BF16_MIN_HIDDEN_SIZE = 16
+# The same at the published depths: rounding accumulates over 28 and 54 layers, and at hidden 16 a
+# right bf16 model of the 300B structure erred by up to 0.11 (benchmarks/calibrate_bf16.py
+# --structure, README "Precision"); from hidden 32 on, the narrowed published structures stay well
+# under the tolerance.
+BF16_MIN_PUBLISHED_HIDDEN_SIZE = 32
 
 TOLERANCES = {
     "float32": Tolerance(FP32_RTOL, ROUTING_MARGIN, condition_share=FP32_CONDITION_SHARE),
-    "bfloat16": Tolerance(BF16_RTOL, BF16_ROUTING_MARGIN, min_hidden_size=BF16_MIN_HIDDEN_SIZE),
+    "bfloat16": Tolerance(BF16_RTOL, BF16_ROUTING_MARGIN, min_hidden_size=BF16_MIN_HIDDEN_SIZE,
+                          min_published_hidden_size=BF16_MIN_PUBLISHED_HIDDEN_SIZE),
 }
 
 

@@ -440,9 +440,10 @@ def bridge(pytestconfig: pytest.Config):
 
 @pytest.fixture(scope="session")
 def megatron_runtime():
-    """CPU patches applied and a one-rank gloo process group, once per session."""
-    from .megatron_runtime import apply_cpu_patches, destroy_model_parallel, init_process_group_once
+    """One intra-op thread, CPU patches applied and a one-rank gloo process group, once per session."""
+    from .megatron_runtime import apply_cpu_patches, destroy_model_parallel, init_process_group_once, one_thread_per_process
 
+    one_thread_per_process()
     apply_cpu_patches()
     init_process_group_once(world_size=1, rank=0)
     yield

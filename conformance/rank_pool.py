@@ -217,11 +217,9 @@ def _worker_main(
             warnings.filterwarnings("ignore", category=category, module="megatron")
         for message in _IMPORT_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=UserWarning)
-        import torch
+        from conformance.megatron_runtime import apply_cpu_patches, init_process_group_once, one_thread_per_process
 
-        torch.set_num_threads(1)
-        from conformance.megatron_runtime import apply_cpu_patches, init_process_group_once
-
+        one_thread_per_process()
         apply_cpu_patches()
         init_process_group_once(world_size, rank)
     except BaseException as exc:  # report, then exit: the parent raises RankFailure

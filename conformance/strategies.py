@@ -38,12 +38,13 @@ class ConfigLimits:
     max_head_dim: int = 16
     max_hidden: int = 48
     min_hidden: int = 2  # bf16 examples need more: see numerics.Tolerance.min_hidden_size
+    min_published_hidden: int = 16  # and for published structures: numerics.Tolerance.min_published_hidden_size
     max_experts: int = 6
     max_vocab: int = 96
     allow_bias: bool = True
     published_in_ten: int = 2  # 0: small draws only
     structures: tuple[str, ...] = tuple(PUBLISHED_STRUCTURES)  # the published structures drawn
-    narrow_hidden: int = 64  # the narrowed widths of published structures: hidden (from min_hidden, at least 16),
+    narrow_hidden: int = 64  # the narrowed widths of published structures: hidden (from min_published_hidden),
     narrow_intermediate: int = 32  # the dense MLP,
     narrow_moe_intermediate: int = 16  # one routed expert (at least 4),
     narrow_vocab: int = 256  # and the vocabulary (at least 64)
@@ -108,7 +109,7 @@ def published_configs(draw: st.DrawFn, name: str, limits: ConfigLimits = ConfigL
     def width(low: int, high: int) -> st.SearchStrategy[int]:
         return st.integers(max(1, -(-low // tp)), max(1, high // tp)).map(lambda n: n * tp)
 
-    low_hidden = max(16, limits.min_hidden)
+    low_hidden = max(16, limits.min_hidden, limits.min_published_hidden)
     hf = dict(PUBLISHED_STRUCTURES[name])
     hf.update(
         hidden_size=draw(st.integers(low_hidden // 2, max(low_hidden, limits.narrow_hidden) // 2).map(lambda n: 2 * n)),

@@ -7,6 +7,7 @@ convert the models in use, whatever else it does right.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from .config import ErnieMoeConfig
@@ -59,13 +60,16 @@ STRUCTURAL_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_
                      "moe_layer_end_index", "moe_layer_interval", "tie_word_embeddings")
 
 
+@functools.cache
+def _structural_values() -> dict[str, tuple[Any, ...]]:
+    """{published name: its STRUCTURAL_FIELDS' values}, computed once."""
+    return {name: tuple(getattr(published_config(name), f) for f in STRUCTURAL_FIELDS) for name in PUBLISHED_STRUCTURES}
+
+
 def structure_of(cfg: ErnieMoeConfig) -> str | None:
     """The published structure whose structural fields `cfg` has (widths may be narrowed), or None."""
-    for name in PUBLISHED_STRUCTURES:
-        published = published_config(name)
-        if all(getattr(cfg, f) == getattr(published, f) for f in STRUCTURAL_FIELDS):
-            return name
-    return None
+    values = tuple(getattr(cfg, f) for f in STRUCTURAL_FIELDS)
+    return next((name for name, published in _structural_values().items() if values == published), None)
 
 
 # Keys of the published config.json files that transformers does not read: Baidu's training

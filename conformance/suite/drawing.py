@@ -42,8 +42,9 @@ def draw_case(data: st.DataObject, suite: SuiteSession, prop: str, earlier: set[
     if suite.checkpoint is not None:
         cfg = read_config(suite.checkpoint)  # the suite fixture kept only layouts that fit it
     else:
-        limits = dataclasses.replace(suite.config_limits or ConfigLimits(),  # bf16 needs wider models
-                                     min_hidden=tolerance(dtype).min_hidden_size)
+        tol = tolerance(dtype)  # bf16 needs wider models
+        limits = dataclasses.replace(suite.config_limits or ConfigLimits(), min_hidden=tol.min_hidden_size,
+                                     min_published_hidden=tol.min_published_hidden_size)
         RECORDER.note_limits(dtype, dataclasses.asdict(limits))
         cfg = data.draw(configs(limits, layout=layout), label="config")
     # A published structure's examples keep to short inputs: its many layers and experts already
