@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The suite on a GPU: the reference bridge on cuda, fp32 and bf16 checkpoints, one rank; prints a
-# table. Meant to finish within 10 minutes on one NVIDIA GPU.
+# table; then equivalence and round trip at the real ERNIE-4.5-21B-A3B widths in bf16 with
+# 4096-token inputs (benchmarks/real_widths.py). Meant to finish within 12 minutes on one NVIDIA GPU.
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]
 #
@@ -11,6 +12,9 @@
 #                   not installed (optional; without TE the reference bridge uses the local spec)
 #   EXAMPLES        Hypothesis examples per property and dtype (default 30)
 #   TIME_LIMIT_S    seconds allowed for each dtype's run (default 240)
+#   LAYERS          layers of the real-width 21B-A3B run (benchmarks/real_widths.py; default 4)
+#   SEQ_LEN         its input length (default 4096)
+#   REAL_LIMIT_S    seconds allowed for it (default 240)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -62,3 +66,10 @@ for dtype in ("fp32", "bf16"):
 for dtype in ("fp32", "bf16"):
     print(f"{dtype}: exit {(out / f'exit-{dtype}').read_text().strip()}, {(out / f'seconds-{dtype}').read_text().strip()} s")
 EOF
+
+set +e
+timeout "${REAL_LIMIT_S:-240}" "$PYTHON" benchmarks/real_widths.py --device cuda --layers "${LAYERS:-4}" \
+  --seq-len "${SEQ_LEN:-4096}" > "$OUT/real-widths.log" 2>&1
+echo "real widths: exit $?"
+set -e
+cat "$OUT/real-widths.log"
