@@ -9,8 +9,9 @@ For each expert width given, a checkpoint is written with every field of 21B-A3B
 experts, MoE from layer 1, tied embeddings, rope theta 500000) except the routed experts' width
 (`moe_intermediate_size`, published 1536; the shared experts' width follows it) and the vocabulary
 (published 103424), narrowed so that it fits this machine. The layout is the published one: bf16
-shards of at most 2 GiB with an index, the router weight and expert bias in fp32, the multi-token-
-prediction tensors, the config keys transformers ignores, the legacy top-level rope_theta.
+shards with an index (of at most 512 MiB here; the published ones hold about 4 GiB each), the
+router weight and expert bias in fp32, the multi-token-prediction tensors, the config keys
+transformers ignores, the legacy top-level rope_theta.
 
 Then `ernie-conformance certify --checkpoint DIR` runs the reference bridge on it, one rank, one
 pytest process (so that the peak memory is one example's), `--max-examples` examples per property,
@@ -46,7 +47,7 @@ def write_checkpoint(path: Path, moe_intermediate: int, vocab: int) -> tuple[int
                               vocab_size=vocab)
     fmt = CheckpointFormat(legacy_rope_theta=True, published_extra_keys=True, mtp=True)
     start = time.perf_counter()
-    state = random_checkpoint(cfg, path, seed=0, dtype=torch.bfloat16, max_shard_bytes=2 * GiB, fmt=fmt)
+    state = random_checkpoint(cfg, path, seed=0, dtype=torch.bfloat16, max_shard_bytes=GiB // 2, fmt=fmt)
     seconds = time.perf_counter() - start
     parameters = sum(t.numel() for t in state.values())
     del state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -118,7 +119,7 @@ class ReferenceBridge:
         dtype = self.model_dtype(cfg, hf)
         full = self.to_megatron(cfg, hf)
         chunks = self.build(cfg, layout, dtype)
-        full_shapes = {k: tuple(v.shape) for k, v in MegatronView(cfg, _meta_tensors(cfg), self.transformer_engine).items()}
+        full_shapes = _full_shapes(cfg, self.transformer_engine)
         if not dist.is_initialized() or dist.get_rank() == 0:  # the rank that writes the export
             chunks[0].carried_hf_tensors = {k: hf[k] for k in hf if IGNORED_KEY_FRAGMENT in k}
         for chunk in chunks:
@@ -157,6 +158,13 @@ class ReferenceBridge:
         finally:  # even when rank 0 fails to write, no rank is left waiting for it
             if dist.is_initialized() and dist.get_world_size() > 1:
                 dist.barrier()  # the directory is complete when export returns, on every rank
+
+
+@functools.lru_cache(maxsize=16)
+def _full_shapes(cfg: ErnieMoeConfig, transformer_engine: bool) -> dict[str, tuple[int, ...]]:
+    """{Megatron name: full shape} of `cfg`'s model (computed once per config: a published structure
+    has thousands of tensors, and every load and export asks)."""
+    return {k: tuple(v.shape) for k, v in MegatronView(cfg, _meta_tensors(cfg), transformer_engine).items()}
 
 
 def _meta_tensors(cfg: ErnieMoeConfig) -> dict[str, torch.Tensor]:
