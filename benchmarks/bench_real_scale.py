@@ -41,10 +41,10 @@ from ernie_ref.published import published_config
 GiB = 1024**3
 
 
-def write_checkpoint(path: Path, moe_intermediate: int, vocab: int) -> tuple[int, int, float]:
+def write_checkpoint(path: Path, moe_intermediate: int, vocab: int, layers: int) -> tuple[int, int, float]:
     """The synthetic 21B-A3B checkpoint; returns (parameters, bytes on disk, seconds to write)."""
     cfg = dataclasses.replace(published_config("ERNIE-4.5-21B-A3B"), moe_intermediate_size=moe_intermediate,
-                              vocab_size=vocab)
+                              vocab_size=vocab, num_hidden_layers=layers, moe_layer_end_index=layers - 1)
     fmt = CheckpointFormat(legacy_rope_theta=True, published_extra_keys=True, mtp=True)
     start = time.perf_counter()
     state = random_checkpoint(cfg, path, seed=0, dtype=torch.bfloat16, max_shard_bytes=GiB // 2, fmt=fmt)
@@ -85,19 +85,20 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--max-examples", type=int, default=2, help="examples per property")
     parser.add_argument("--memory-gib", type=float, default=24.0, help="the machine to size checkpoints for")
+    parser.add_argument("--layers", type=int, default=28, help="layers (28 as published; fewer for a quick run)")
     args = parser.parse_args()
     rows = []
     for width in (int(w) for w in args.moe_intermediate.split(",")):
         with tempfile.TemporaryDirectory(prefix="ernie-real-scale-") as tmp:
             hf = Path(tmp) / "hf"
-            parameters, size, write_s = write_checkpoint(hf, width, args.vocab)
+            parameters, size, write_s = write_checkpoint(hf, width, args.vocab, args.layers)
             shards = len(list(hf.glob("*.safetensors")))
             print(f"moe_intermediate {width}: {parameters / 1e9:.2f} B parameters, {size / GiB:.2f} GiB in {shards} "
                   f"shards, written in {write_s:.0f} s; certifying...", flush=True)
             timings, verdicts, wall, peak = certify(hf, Path(tmp) / "certificate", args.max_examples)
         rows.append((width, parameters, size, write_s, timings, verdicts, wall, peak))
 
-    print(f"\nERNIE-4.5-21B-A3B structure, vocab {args.vocab}, bf16 with fp32 router, MTP tensors, published "
+    print(f"\nERNIE-4.5-21B-A3B structure ({args.layers} layers), vocab {args.vocab}, bf16 with fp32 router, MTP tensors, published "
           f"config keys; reference bridge, one rank, one process, {args.max_examples} examples per property\n")
     properties = sorted({p for row in rows for p in row[4]})
     print("| moe_intermediate | parameters | on disk GiB | write s | " + " | ".join(f"{p} s/example" for p in properties)

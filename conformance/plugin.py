@@ -11,6 +11,7 @@ project's own `ci` profile stays as it is.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -585,7 +586,9 @@ def _config_limits(pytestconfig: pytest.Config):
     from .strategies import ConfigLimits
 
     published = pytestconfig.getoption("published_in_ten")
-    return ConfigLimits() if published is None else ConfigLimits(published_in_ten=published)
+    limits = ConfigLimits() if published is None else ConfigLimits(published_in_ten=published)
+    # A GPU runs sequences of the published models' training length; a CPU takes minutes beyond 1024.
+    return dataclasses.replace(limits, max_long_seq_len=4096) if pytestconfig.getoption("device") == "cuda" else limits
 
 
 def _known_findings(config: pytest.Config) -> dict[str, str]:

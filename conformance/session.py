@@ -25,5 +25,5 @@ class SuiteSession:
     isolate_triggers: bool = True  # False (--no-triggers): stop at the first failure, its trigger unknown
     known_findings: dict[str, str] = field(default_factory=dict)  # finding id -> comment (known-failures file)
     # Bounds of drawn configs (strategies.ConfigLimits; None: the defaults). Each dtype's minimum
-    # hidden size is applied on top (numerics.Tolerance.min_hidden_size).
+    # hidden sizes are applied on top (numerics.Tolerance.min_hidden_size, min_published_hidden_size).
     config_limits: Any = None

@@ -25,6 +25,8 @@ BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
                            "--published-in-ten", "0",
                            "--layouts", "tp1-pp1-ep1-vpp1"],
      "| bridge | seconds to all findings | findings | planted found |"),
+    ("bench_real_scale.py", ["--moe-intermediate", "4,8", "--vocab", "256", "--layers", "2", "--max-examples", "1"],
+     "| moe_intermediate | parameters | on disk GiB | write s |"),
 ])
 def test_benchmark_runs(tmp_path: Path, script: str, args: list[str], header: str) -> None:
     run = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=tmp_path, capture_output=True,

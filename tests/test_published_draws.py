@@ -76,6 +76,33 @@ def test_ci_draws_published_structures_and_long_inputs_in_their_share() -> None:
     assert long_inputs * 20 >= total, f"{long_inputs} of {total} draws with positions beyond {LONG_POSITIONS}"
 
 
+def test_long_inputs_reach_4096_tokens_on_a_gpu_and_1024_on_a_cpu() -> None:
+    """--device cuda raises the longest drawn input from 1024 to 4096 tokens (the ConfigLimits of
+    the session, which the certificate records)."""
+    from types import SimpleNamespace
+
+    from conformance.plugin import _config_limits
+
+    def limits(device: str) -> ConfigLimits:
+        options = {"published_in_ten": None, "device": device}
+        return _config_limits(SimpleNamespace(getoption=lambda name, default=None: options.get(name, default)))
+
+    assert limits("cpu").max_long_seq_len == 1024 and limits("cuda").max_long_seq_len == 4096
+    lengths: list[int] = []
+
+    @settings(CI, max_examples=300)
+    @given(data=st.data())
+    def draw(data: st.DataObject) -> None:
+        for bound in (1024, 4096):
+            lengths.append((bound, data.draw(inputs(max_long_seq_len=bound), label=f"inputs up to {bound}").seq_len))
+
+    draw()
+    for bound in (1024, 4096):
+        longest = max(n for b, n in lengths if b == bound)
+        assert longest <= bound, f"an input of {longest} tokens drawn with max_long_seq_len {bound}"
+    assert any(n > 1024 for b, n in lengths if b == 4096), "no input beyond 1024 tokens drawn with a bound of 4096"
+
+
 def test_small_draws_only_when_fields_are_fixed_or_the_share_is_zero() -> None:
     @CI
     @given(data=st.data())

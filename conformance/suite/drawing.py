@@ -53,7 +53,9 @@ def draw_case(data: st.DataObject, suite: SuiteSession, prop: str, earlier: set[
     case = Case(
         config=cfg,
         weights_seed=data.draw(seeds(), label="weights seed") if suite.checkpoint is None else None,
-        inputs=data.draw(inputs(max_batch=2, max_seq_len=16, long_in_ten=0) if published else inputs(), label="inputs"),
+        inputs=data.draw(inputs(max_batch=2, max_seq_len=16, long_in_ten=0) if published
+                         else inputs(max_long_seq_len=(suite.config_limits or ConfigLimits()).max_long_seq_len),
+                         label="inputs"),
         layout=layout,
         corruption=(data.draw(corruptions(cfg, config_only=suite.checkpoint is not None), label="corruption")
                     if prop == "refusal" else None),
