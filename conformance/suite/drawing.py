@@ -39,11 +39,12 @@ def draw_case(data: st.DataObject, suite: SuiteSession, prop: str, earlier: set[
     """
     layout = data.draw(st.sampled_from(suite.layouts), label="layout")
     dtype = data.draw(st.sampled_from(suite.dtypes), label="dtype")  # a user's checkpoint: its own
+    session_limits = suite.config_limits or ConfigLimits()
     if suite.checkpoint is not None:
         cfg = read_config(suite.checkpoint)  # the suite fixture kept only layouts that fit it
     else:
         tol = tolerance(dtype)  # bf16 needs wider models
-        limits = dataclasses.replace(suite.config_limits or ConfigLimits(), min_hidden=tol.min_hidden_size,
+        limits = dataclasses.replace(session_limits, min_hidden=tol.min_hidden_size,
                                      min_published_hidden=tol.min_published_hidden_size)
         RECORDER.note_limits(dtype, dataclasses.asdict(limits))
         cfg = data.draw(configs(limits, layout=layout), label="config")
@@ -54,7 +55,7 @@ def draw_case(data: st.DataObject, suite: SuiteSession, prop: str, earlier: set[
         config=cfg,
         weights_seed=data.draw(seeds(), label="weights seed") if suite.checkpoint is None else None,
         inputs=data.draw(inputs(max_batch=2, max_seq_len=16, long_in_ten=0) if published
-                         else inputs(max_long_seq_len=(suite.config_limits or ConfigLimits()).max_long_seq_len),
+                         else inputs(max_long_seq_len=session_limits.max_long_seq_len),
                          label="inputs"),
         layout=layout,
         corruption=(data.draw(corruptions(cfg, config_only=suite.checkpoint is not None), label="corruption")
