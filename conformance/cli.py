@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -42,7 +44,6 @@ def _replay(args: argparse.Namespace) -> int:
     from .bridge import resolve_bridge
     from .counterexample import Counterexample
     from .megatron_runtime import apply_cpu_patches, init_process_group_once, one_thread_per_process
-    from .properties import PropertyFailure, SetAside, run_property
 
     example = Counterexample.load(args.file)
     case = example.case()
@@ -54,8 +55,23 @@ def _replay(args: argparse.Namespace) -> int:
     one_thread_per_process()
     apply_cpu_patches()
     init_process_group_once()
+    with contextlib.ExitStack() as stack:
+        if case.layout.world_size > 1:  # the layout's ranks, each a process of a pool, as in the suite
+            from . import distributed
+            from .rank_pool import RankPool
+
+            pool = stack.enter_context(RankPool(case.layout.world_size,
+                                                preload=tuple(getattr(bridge, "worker_imports", ()))))
+            distributed.set_pool(pool)
+            stack.callback(distributed.set_pool, None)
+        return _replay_property(example.property, bridge, case)
+
+
+def _replay_property(prop: str, bridge: Any, case: Any) -> int:
+    from .properties import PropertyFailure, SetAside, run_property
+
     try:
-        run_property(example.property, bridge, case)
+        run_property(prop, bridge, case)
     except PropertyFailure as failure:
         print(f"STILL FAILS: {failure.detail}")
         errors = failure.evidence.get("stage_errors")

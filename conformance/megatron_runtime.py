@@ -58,6 +58,7 @@ __all__ = [
     "megatron_core_version",
     "pick_free_port",
     "applied_patches",
+    "CudaDevicesOnCpu",
 ]
 
 _CPU = torch.device("cpu")
@@ -256,11 +257,13 @@ def _is_cuda_device(device: Any) -> bool:
     return False
 
 
-class _CudaToCpuDevices(TorchFunctionMode):
-    """Torch function mode that turns ``device="cuda"`` arguments into the CPU device.
+class CudaDevicesOnCpu(TorchFunctionMode):
+    """Torch function mode that turns a CUDA device named in a call (``device="cuda"``, or
+    ``tensor.to("cuda")`` positionally) into the CPU device.
 
-    Used only around Megatron's pipeline schedules, which allocate a token counter with
-    a hard-coded ``device="cuda"``.
+    Used around Megatron's pipeline schedules, which allocate a token counter with a
+    hard-coded ``device="cuda"``, and by adapters around a bridge's calls that name CUDA
+    where a CPU run has none (a declared deviation of theirs).
     """
 
     def __torch_function__(
@@ -273,6 +276,8 @@ class _CudaToCpuDevices(TorchFunctionMode):
         kwargs = kwargs or {}
         if _is_cuda_device(kwargs.get("device")):
             kwargs = {**kwargs, "device": _CPU}
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU, *args[2:])
         return func(*args, **kwargs)
 
 
@@ -501,7 +506,7 @@ def _patch_pipeline_schedules() -> None:
         fn = getattr(sched, n)
 
         def wrapper(*args: Any, __fn: Callable[..., Any] = fn, **kwargs: Any) -> Any:
-            with _CudaToCpuDevices():
+            with CudaDevicesOnCpu():
                 return __fn(*args, **kwargs)
 
         functools.update_wrapper(wrapper, fn)

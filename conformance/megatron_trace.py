@@ -5,7 +5,7 @@ MoE router, final norm) make this independent of how a bridge built its model, a
 is a Megatron-Core GPTModel. Each rank records what its own chunks computed (`record_forward`);
 `merge_traces` puts the ranks' records together by global layer number. Megatron works in
 [S, B, H] and orders tokens (s, b); everything is turned into the oracle's [B, S, H] and (b, s)
-order here.
+order here, and vocabulary-parallel logits (parallel_output=True) are gathered.
 """
 
 from __future__ import annotations
@@ -126,6 +126,12 @@ def record_forward(chunks: list[torch.nn.Module], input_ids: torch.Tensor) -> di
     finally:
         for h in hooks:
             h.remove()
+    if logits is not None and getattr(chunks[-1], "parallel_output", False):
+        # A model built for training (GPTModel's default parallel_output=True) gives each
+        # tensor-parallel rank its slice of the vocabulary; the whole is their concatenation.
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        logits = gather_from_tensor_model_parallel_region(logits)
 
     record: dict[str, Any] = {"layers": {}}
     for key in ("embeddings", "final_norm"):

@@ -506,7 +506,7 @@ def _launcher_world() -> Any:
 
 
 @pytest.fixture(scope="session")
-def rank_pool(pytestconfig: pytest.Config):
+def rank_pool(pytestconfig: pytest.Config, bridge):
     """A pool of worker processes, one per rank, for layouts of more than one rank; started on
     first use, closed at the end of the session.
 
@@ -527,7 +527,7 @@ def rank_pool(pytestconfig: pytest.Config):
     if world == 1:
         yield None
         return
-    pool = RankPool(world)
+    pool = RankPool(world, preload=tuple(getattr(bridge, "worker_imports", ())))
     distributed.set_pool(pool)
     try:
         yield pool

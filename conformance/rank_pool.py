@@ -211,6 +211,11 @@ def _worker_main(
         os.environ["OMP_NUM_THREADS"] = "1"
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(port)
+        # What torchrun gives each process of a one-node launch, which is how users start a
+        # bridge: some read their rank from it rather than from torch.distributed (mcore-bridge
+        # writes its export on the process whose RANK is 0 or unset).
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                          LOCAL_WORLD_SIZE=str(world_size))
         # megatron-core warns about itself on import and on every build (no Apex / TE,
         # deprecations): noise on the test session's stderr.
         for category in (UserWarning, DeprecationWarning, FutureWarning):
@@ -300,8 +305,9 @@ _PRELOAD = (
 )
 
 
-def _ensure_forkserver() -> None:
-    """Start the (process-wide) fork server with megatron preloaded, if not running yet.
+def _ensure_forkserver(preload: tuple[str, ...] = ()) -> None:
+    """Start the (process-wide) fork server with megatron (and `preload`) preloaded, if not
+    running yet.
 
     The fork server is multiprocessing's singleton: if someone else started it already,
     its preload stays as it was and workers import what they miss themselves (slower,
@@ -309,7 +315,7 @@ def _ensure_forkserver() -> None:
     """
     from multiprocessing import forkserver
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload(list(_PRELOAD))
+    multiprocessing.get_context("forkserver").set_forkserver_preload([*_PRELOAD, *preload])
     # The fork server's command line copies this process's -W options
     # (sys.warnoptions); the parent's own warning filters are not affected.
     saved = list(sys.warnoptions)
@@ -353,6 +359,10 @@ class RankPool:
     failure_grace_s:
         After one rank raised, how long to wait for the others to answer before
         declaring them stuck.
+    preload:
+        Modules the fork server imports besides megatron-core's, so that workers start
+        (and restart, once per failing example) with them loaded: a bridge's
+        `worker_imports`.
 
     Not reentrant: one :meth:`run` at a time (a lock serialises threads).
     """
@@ -364,6 +374,7 @@ class RankPool:
         *,
         failure_grace_s: float = DEFAULT_FAILURE_GRACE_S,
         start_method: str | None = None,
+        preload: tuple[str, ...] = (),
     ) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -383,6 +394,7 @@ class RankPool:
             # 'fork' would copy the parent's threads' locks and torch state mid-flight.
             raise ValueError(f"start_method must be 'forkserver' or 'spawn', got {start_method!r}")
         self.start_method: str = start_method
+        self.preload: tuple[str, ...] = tuple(preload)
         self._ctx = multiprocessing.get_context(start_method)
         self._owner_pid = os.getpid()  # a forked copy of this object must not close it
 
@@ -496,7 +508,7 @@ class RankPool:
         """Start ``world_size`` fresh workers on a new port and wait until all are ready."""
         t0 = time.perf_counter()
         if self.start_method == "forkserver":
-            _ensure_forkserver()
+            _ensure_forkserver(self.preload)
         port = _free_port()  # a new port every time: the old one may still be in TIME_WAIT
         # Workers exit when this pipe reaches EOF, i.e. when this process closes the write
         # end (after stopping them) or dies.  The read end goes to the workers only.

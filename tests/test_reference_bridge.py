@@ -59,3 +59,30 @@ def test_use_bias_converts_exactly_across_ranks(megatron_runtime, layout: str) -
                 assert not set_aside, f"{cfg.one_line()} at {layout}: set aside {set_aside}"
         finally:
             set_pool(None)
+
+
+class VocabParallelOutputBridge(ReferenceBridge):
+    """The reference bridge with its output layer left vocabulary-parallel, as GPTModel builds it
+    for training (parallel_output=True, mcore-bridge's models among them): each tensor-parallel
+    rank's logits are its slice of the vocabulary."""
+
+    def load(self, hf_dir, layout):
+        chunks = super().load(hf_dir, layout)
+        if getattr(chunks[-1], "output_layer", None) is not None:
+            chunks[-1].parallel_output = True
+            chunks[-1].output_layer.gather_output = False
+        return chunks
+
+
+def test_vocabulary_parallel_logits_are_gathered(megatron_runtime) -> None:
+    """The suite compares the whole vocabulary's logits, whichever way the model gives them."""
+    from conformance.rank_pool import RankPool
+
+    with RankPool(2) as pool:
+        set_pool(pool)
+        try:
+            case = Case(biased_config(tie=False, shared=2), weights_seed=5, inputs=Inputs(2, 4, 2),
+                        layout=Layout.parse("tp2-pp1-ep1-vpp1"))
+            run_property("equivalence", VocabParallelOutputBridge(), case)
+        finally:
+            set_pool(None)

@@ -13,9 +13,7 @@ Transformer Engine deviations are not made.
 
 from __future__ import annotations
 
-import builtins
 import importlib.util
-import types
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,8 @@ import torch
 
 from ernie_ref.config import ErnieMoeConfig
 from ernie_ref.layout import Layout
+
+from .te_placeholder import HAVE_TE, show_placeholders_to
 
 __all__ = ["MegatronBridgeAdapter", "DEVIATIONS"]
 
@@ -48,47 +48,12 @@ DEVIATIONS_ALWAYS = (
     "save_hf_pretrained: the tokenizer artifact is set to None, since the suite's checkpoints have no tokenizer "
     "files (the bridge lists the tokenizer as a required artifact).",
 )
-_HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
-DEVIATIONS = DEVIATIONS_ALWAYS + (() if _HAVE_TE else DEVIATIONS_WITHOUT_TE)
-
-
-class _TEPlaceholder(types.ModuleType):
-    """Stands in for transformer_engine in the unguarded importers: any attribute is a class
-    that raises when instantiated (import time only needs the names)."""
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-
-        def refuse(self: Any, *args: Any, **kwargs: Any) -> None:
-            raise RuntimeError(f"transformer_engine.{name} is a placeholder: Transformer Engine is not installed")
-
-        value = type(name, (), {"__init__": refuse, "__module__": self.__name__})
-        setattr(self, name, value)
-        return value
-
-
-def _placeholder_te() -> dict[str, types.ModuleType]:
-    te, pytorch, ops = (_TEPlaceholder(n) for n in
-                        ("transformer_engine", "transformer_engine.pytorch", "transformer_engine.pytorch.ops"))
-    te.pytorch, pytorch.ops = pytorch, ops
-    return {m.__name__: m for m in (te, pytorch, ops)}
-
-
-_PLACEHOLDERS = _placeholder_te()
-_real_import = builtins.__import__
-
-
-def _scoped_import(name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0) -> Any:
-    if level == 0 and name.split(".")[0] == "transformer_engine" and (globals or {}).get("__name__") in _UNGUARDED_TE_IMPORTERS:
-        return _PLACEHOLDERS.get(name, _PLACEHOLDERS["transformer_engine"]) if fromlist else _PLACEHOLDERS["transformer_engine"]
-    return _real_import(name, globals, locals, fromlist, level)
+DEVIATIONS = DEVIATIONS_ALWAYS + (() if HAVE_TE else DEVIATIONS_WITHOUT_TE)
 
 
 def _import_megatron_bridge() -> Any:
     """`megatron.bridge.AutoBridge`, imported with the placeholder in place where TE is absent."""
-    if not _HAVE_TE and builtins.__import__ is not _scoped_import:
-        builtins.__import__ = _scoped_import
+    show_placeholders_to(_UNGUARDED_TE_IMPORTERS.__contains__)
     from megatron.bridge import AutoBridge
 
     return AutoBridge
@@ -135,7 +100,7 @@ class MegatronBridgeAdapter:
         AutoBridge = _import_megatron_bridge()
         bridge = AutoBridge.from_hf_pretrained(str(hf_dir))
         provider = bridge.to_megatron_provider(load_weights=False)
-        if not _HAVE_TE:
+        if not HAVE_TE:
             provider.transformer_layer_spec = _local_decoder_block_spec
             provider.moe_permute_fusion = False
         provider.tensor_model_parallel_size = layout.tp
