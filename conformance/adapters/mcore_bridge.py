@@ -17,7 +17,6 @@ Engine is installed (a GPU machine), those deviations are not made.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import types
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ernie_ref.config import ErnieMoeConfig
 from ernie_ref.layout import Layout
 
 from ..megatron_runtime import CudaDevicesOnCpu
-from ..versions import package_version
+from .package import PackageAdapter
 from .te_placeholder import HAVE_TE, show_placeholders_to
 
 __all__ = ["McoreBridgeAdapter", "DEVIATIONS"]
@@ -124,31 +122,14 @@ def _as_te_layers(chunks: list[torch.nn.Module], dtype: torch.dtype) -> None:
                 object.__setattr__(experts, fc, types.SimpleNamespace(**grouped))
 
 
-class McoreBridgeAdapter:
+class McoreBridgeAdapter(PackageAdapter):
     """mcore-bridge's GPTBridge for `ernie4_5_moe`, as shipped but for `DEVIATIONS`."""
 
     name = "mcore-bridge"
+    distribution, module, tox_env = "mcore-bridge", "mcore_bridge", "py311-mcorebridge165"
+    declared_deviations = DEVIATIONS
+    load_state = ("_hf_config", "_model_config")  # of the last load, for export on the same rank
     worker_imports = ("conformance.adapters.mcore_bridge_preload",)
-
-    def __init__(self) -> None:
-        if importlib.util.find_spec("mcore_bridge") is None:
-            raise ImportError("mcore-bridge is not installed (see tox.ini, environment py311-mcorebridge165)")
-        self._hf_config: Any = None  # from the last load, for export on the same rank
-        self._model_config: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Sent to every rank of a pool with each example: the configs of a load on another rank
-        # are that rank's, and unpickling them would import mcore_bridge unprepared.
-        return {**self.__dict__, "_hf_config": None, "_model_config": None}
-
-    def version(self) -> str:
-        return package_version("mcore-bridge")
-
-    def deviations(self) -> list[str]:
-        return list(DEVIATIONS)
-
-    def unsupported(self, config: ErnieMoeConfig) -> str | None:
-        return None  # the package declares no limits; what it gets wrong is for the suite to find
 
     def load(self, hf_dir: Path, layout: Layout) -> list[torch.nn.Module]:
         mcore_bridge = _import_mcore_bridge()

@@ -13,16 +13,14 @@ Transformer Engine deviations are not made.
 
 from __future__ import annotations
 
-import importlib.util
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ernie_ref.config import ErnieMoeConfig
 from ernie_ref.layout import Layout
 
+from .package import PackageAdapter
 from .te_placeholder import HAVE_TE, show_placeholders_to
 
 __all__ = ["MegatronBridgeAdapter", "DEVIATIONS"]
@@ -67,34 +65,13 @@ def _local_decoder_block_spec(config: Any, vp_stage: int | None = None) -> Any:
     return get_gpt_decoder_block_spec(config=config, use_transformer_engine=False, vp_stage=vp_stage)
 
 
-class MegatronBridgeAdapter:
+class MegatronBridgeAdapter(PackageAdapter):
     """`Ernie45Bridge` of megatron-bridge through AutoBridge, as shipped but for `DEVIATIONS`."""
 
     name = "megatron-bridge"
-
-    def __init__(self) -> None:
-        if importlib.util.find_spec("megatron.bridge") is None:
-            raise ImportError("megatron-bridge is not installed (see tox.ini, environment py312-mbridge062)")
-        self._auto_bridge: Any = None  # from the last load, for export on the same rank
-
-    def __getstate__(self) -> dict[str, Any]:
-        # Sent to every rank of a pool with each example: the AutoBridge of a load on another
-        # rank is that rank's, and unpickling it would import megatron.bridge unprepared.
-        return {**self.__dict__, "_auto_bridge": None}
-
-    def version(self) -> str:
-        # Not megatron.bridge.__version__: that appends the git commit of whatever repository
-        # the package happens to sit in.
-        try:
-            return version("megatron-bridge")
-        except PackageNotFoundError:
-            return "unknown"
-
-    def deviations(self) -> list[str]:
-        return list(DEVIATIONS)
-
-    def unsupported(self, config: ErnieMoeConfig) -> str | None:
-        return None  # the bridge declares no limits; what it gets wrong is for the suite to find
+    distribution, module, tox_env = "megatron-bridge", "megatron.bridge", "py312-mbridge062"
+    declared_deviations = DEVIATIONS
+    load_state = ("_auto_bridge",)  # the AutoBridge of the last load, for export on the same rank
 
     def load(self, hf_dir: Path, layout: Layout) -> list[torch.nn.Module]:
         AutoBridge = _import_megatron_bridge()
