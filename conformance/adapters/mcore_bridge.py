@@ -106,10 +106,9 @@ def _as_te_layers(chunks: list[torch.nn.Module], dtype: torch.dtype) -> None:
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     for chunk in chunks:
-        for norm in chunk.modules():
-            if isinstance(norm, torch.nn.RMSNorm):
-                norm.weight.data = norm.weight.data.to(dtype)
         for layer in chunk.modules():
+            if isinstance(layer, torch.nn.RMSNorm):
+                layer.weight.data = layer.weight.data.to(dtype)
             if not isinstance(layer, TransformerLayer):
                 continue
             object.__setattr__(layer.self_attention.linear_qkv, "layer_norm_weight", layer.input_layernorm.weight)
