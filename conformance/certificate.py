@@ -23,7 +23,7 @@ from ernie_ref.layout import Layout
 from .counterexample import Counterexample, replay_command
 from .numerics import FP32_CONDITION_SHARE, FP32_RTOL, tolerance
 from .properties import PROPERTIES
-from .versions import package_version
+from .versions import package_version, suite_sources_digest
 
 __all__ = ["SCHEMA", "build_certificate", "validate", "write_certificate", "plot_stage_errors", "render_markdown"]
 
@@ -63,6 +63,7 @@ def build_certificate(
     dtypes: list[str],
     checkpoint: str | None,
     out_dir: Path,
+    runs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Turn the suite's results (`--results-json`) into a certificate dict: what was drawn and
     what held, with every path relative to `out_dir`."""
@@ -112,6 +113,7 @@ def build_certificate(
         "bridge": {"name": bridge.name, "spec": bridge_spec, "version": bridge.version()},
         "versions": {
             "ernie-conformance": package_version("ernie-conformance"),
+            "ernie-conformance sources": suite_sources_digest(),
             "megatron-core": package_version("megatron-core"),
             "transformers": package_version("transformers"),
             "torch": package_version("torch"),
@@ -134,6 +136,7 @@ def build_certificate(
             "config_limits": _limits(records),
         },
         "checkpoint": relative(checkpoint, out_dir) if checkpoint else None,
+        "runs": [{"started": run["started"], "tests": [_test_name(test) for test in run["tests"]]} for run in runs or []],
         "deviations": list(getattr(bridge, "deviations", lambda: [])()),
         "refusals": {reason: {"draws": n, "share": round(n / max(draws, 1), 4)} for reason, n in refusals.items()},
         "published": published,
@@ -300,7 +303,8 @@ def render_markdown(c: dict[str, Any]) -> str:
     lines = [
         f"# Conformance certificate: {b['name']} {b['version']}",
         "",
-        f"{verdict} (ernie-conformance {v['ernie-conformance']}, {c['created']})",
+        f"{verdict} (ernie-conformance {v['ernie-conformance']}"
+        + (f", sources {v['ernie-conformance sources']}" if "ernie-conformance sources" in v else "") + f", {c['created']})",
         "",
         c["headline"],
         "",
@@ -314,6 +318,9 @@ def render_markdown(c: dict[str, Any]) -> str:
         f"{', '.join(c['requested']['dtypes'])} |",
         f"| layouts requested | {', '.join(c['requested']['layouts'])} |",
     ]
+    if len(runs := c.get("runs", [])) > 1:
+        lines += [f"| runs | {len(runs)} (an interrupted run resumed with the same options and versions): "
+                  + "; ".join(f"{run['started']}: {', '.join(run['tests']) or 'none'}" for run in runs) + " |"]
     lines += ["", "## What was tested", "",
               f"{t['examples']} valid examples over the five properties, from {t['draws']} draws: "
               f"{t['declared_unsupported']} declared unsupported by the bridge, "

@@ -1,7 +1,7 @@
 """`ernie-conformance` (also `python -m conformance`): certify, replay, compare, bridges, kill-matrix.
 
     ernie-conformance certify [--bridge NAME] [--profile ci|thorough] [--layouts L,...]
-                              [--device cpu] [--out DIR] [--checkpoint DIR] [--xfails-file F]
+                              [--device cpu] [--out DIR] [--checkpoint DIR] [--xfails-file F] [--resume]
     ernie-conformance replay FILE
     ernie-conformance compare OLD NEW [--format text|markdown]
     ernie-conformance bridges
@@ -95,10 +95,37 @@ def _certify(args: argparse.Namespace) -> int:
     except BridgeNotFound as e:
         print(f"certify: {e}", file=sys.stderr)
         return 2
+    from .certify_run import (PARTIAL_RESULTS_FILE, RESULTS_FILE, ResumeRefused, RunIdentity, finished_tests,
+                              fold_partial_results, new_run)
+    from .versions import suite_sources_digest
+
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.json"
-    results_path.unlink(missing_ok=True)
+    # The suite writes this run's results to the partial file after every test; they join the
+    # earlier runs' in results.json when the run ends, or when an interrupted run is resumed.
+    results_path, partial_path = out / RESULTS_FILE, out / PARTIAL_RESULTS_FILE
+    identity = RunIdentity(
+        bridge=args.bridge, bridge_version=bridge.version(), profile=args.profile, layouts=args.layouts,
+        device=args.device, dtype=args.dtype, max_examples=args.max_examples, max_shrinks=args.max_shrinks,
+        published_in_ten=args.published_in_ten,
+        checkpoint=str(Path(args.checkpoint).resolve()) if args.checkpoint else None,
+        xfails_file=str(Path(args.xfails_file).resolve()) if args.xfails_file else None,
+        versions=RunIdentity.installed_versions(), suite_sources=suite_sources_digest())
+    kept: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    if args.resume:
+        try:
+            saved, runs = RunIdentity.saved(out)
+            identity.check_matches(saved, out)
+        except ResumeRefused as e:
+            print(f"certify: {e}", file=sys.stderr)
+            return 2
+        kept = finished_tests(fold_partial_results(out, identity.xfails_file, runs))
+    else:
+        results_path.unlink(missing_ok=True)
+        partial_path.unlink(missing_ok=True)
+    runs.append(new_run())
+    identity.save(out, runs)
     # Multi-rank layouts run on one pool of rank processes per pytest process: one pytest process
     # unless there are cores for several pools.
     # Two processes at least: a process spends most of a multi-rank example waiting on its rank pool.
@@ -106,7 +133,7 @@ def _certify(args: argparse.Namespace) -> int:
     command = [
         sys.executable, "-m", "pytest", "--pyargs", "conformance.suite",
         "--bridge", args.bridge, f"--hypothesis-profile=ernie-{args.profile}",
-        "--counterexamples", str(out / "counterexamples"), "--results-json", str(results_path),
+        "--counterexamples", str(out / "counterexamples"), "--results-json", str(partial_path),
         "--layouts", args.layouts, "--device", args.device, "--dtype", args.dtype, "--progress", str(out / "progress.log"), "-p", "no:cacheprovider", "-q",
     ]
     if jobs > 1:
@@ -121,13 +148,19 @@ def _certify(args: argparse.Namespace) -> int:
         command += ["--checkpoint", str(Path(args.checkpoint).resolve())]
     if args.xfails_file:
         command += ["--xfails-file", str(Path(args.xfails_file).resolve())]
+    for result in kept:  # finished in an earlier run
+        command += ["--deselect", result["test"]]
     log, progress = out / "pytest.log", out / "progress.log"
-    progress.write_text("")
+    if not args.resume:
+        progress.write_text("")
     print(f"certifying {bridge.name} {bridge.version()} with profile {args.profile} "
           f"({'1 process' if jobs <= 1 else f'{jobs} processes'}); pytest output in {log}", flush=True)
-    with log.open("w") as log_file:
+    if args.resume:
+        print(f"  resuming run {len(runs)} in {out}: {len(kept)} finished tests kept"
+              + (f" ({', '.join(r['test'].rsplit('::', 1)[-1] for r in kept)})" if kept else ""), flush=True)
+    shown = len(progress.read_text().splitlines()) if progress.is_file() else 0
+    with log.open("a" if args.resume else "w") as log_file:
         proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=out)
-        shown = 0
         while True:
             finished = proc.poll() is not None
             lines = progress.read_text().splitlines()
@@ -137,9 +170,11 @@ def _certify(args: argparse.Namespace) -> int:
             if finished:
                 break
             time.sleep(0.5)
-    if not results_path.is_file():
+    if not partial_path.is_file():
         print(f"certify: the suite did not run (pytest exit {proc.returncode}); see {log}", file=sys.stderr)
         return 2
+    results = fold_partial_results(out, identity.xfails_file, runs)
+    identity.save(out, runs)
 
     from .certificate import build_certificate, write_certificate
     from .plugin import DTYPE_OPTIONS, checkpoint_layouts_and_dtypes, parse_layouts
@@ -148,9 +183,9 @@ def _certify(args: argparse.Namespace) -> int:
     if args.checkpoint:  # what applied to it, not what the command line allowed
         layouts, dtypes = checkpoint_layouts_and_dtypes(args.checkpoint, layouts)
     certificate = build_certificate(
-        bridge=bridge, bridge_spec=args.bridge, results=json.loads(results_path.read_text()),
+        bridge=bridge, bridge_spec=args.bridge, results=results,
         profile=f"ernie-{args.profile}", layouts=[str(layout) for layout in layouts], device=args.device,
-        dtypes=dtypes, checkpoint=args.checkpoint, out_dir=out,
+        dtypes=dtypes, checkpoint=args.checkpoint, out_dir=out, runs=runs,
     )
     write_certificate(certificate, out)
     verdict = "CONFORMS" if certificate["conforms"] else "DOES NOT CONFORM"
@@ -239,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     certify.add_argument("--max-shrinks", type=int, default=None,
                          help="examples run to shrink a failure, at most (default: the profile's)")
     certify.add_argument("--jobs", type=int, default=None, help="pytest-xdist processes (default: CPUs / 4, at least 2, at most 5)")
+    certify.add_argument("--resume", action="store_true",
+                         help="go on with an interrupted certification in --out: the tests that finished there are "
+                              "kept and the others run (refused if the options or installed versions differ)")
     certify.set_defaults(run=_certify)
 
     replay = sub.add_parser("replay", help="re-run one saved counterexample exactly")

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 
+from .independent_draws import make_draws_independent
 from .recorder import RECORDER, SessionRecord, verdict_of
 from .session import SuiteSession
 from .versions import package_version
@@ -52,7 +53,7 @@ SUITE_DIR = Path(__file__).parent / "suite"
 
 _SESSION = SessionRecord()  # the controlling process's results, one per test of the suite
 _STATE: dict[str, Any] = {"settings": None, "profile": "", "max_shrinks": 50, "suite": False, "worker": False,
-                          "progress": None, "total": 0}
+                          "progress": None, "results_json": None, "max_findings": None, "total": 0}
 
 
 class Inconclusive(AssertionError):
@@ -155,6 +156,7 @@ def _enter_suite_mode(config: pytest.Config) -> None:
     if _STATE["suite"]:
         return
     _STATE["suite"] = True
+    make_draws_independent()
     _select_device(config.getoption("device", "cpu"))
     world = _launcher_world()
     if world is not None:
@@ -166,6 +168,8 @@ def _enter_suite_mode(config: pytest.Config) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     _STATE["worker"] = hasattr(config, "workerinput")
     _STATE["progress"] = config.getoption("progress", None)
+    _STATE["results_json"] = config.getoption("results_json", None)
+    _STATE["max_findings"] = config.getoption("max_findings", None) or MAX_FINDINGS
     profile = config.getoption("hypothesis_profile", None) or default_profile()
     overrides: dict[str, Any] = {}
     if (max_examples := config.getoption("max_examples", None)) is not None:
@@ -356,6 +360,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
             "message": report.longreprtext if report.failed or outcome == "xfailed" else "",
         })
         _write_progress(_SESSION.results[-1])
+        # Written after every test, so that an interrupted certify keeps what finished
+        # (`certify --resume`); the session's end adds the comparison with the known failures.
+        _write_results(known=None)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -406,8 +413,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
             terminalreporter.write_line(f"      {f['summary']}")
             terminalreporter.write_line(f"      properties: " + ", ".join(f"{p} ({n} examples)" for p, n in f["hits"].items()))
             terminalreporter.write_line(f"      smallest example: {f['counterexample']}")
-    if config.getoption("xfails_file", None):
-        report = known_findings_report(config, _SESSION.results)
+    if xfails_file := config.getoption("xfails_file", None):
+        report = known_findings_report(xfails_file, _SESSION.results)
         if report["not_reproduced"]:
             terminalreporter.section("known-failures entries that matched no finding")
             for entry in report["not_reproduced"]:
@@ -419,17 +426,22 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _STATE["worker"]:  # the controlling process only
         return
     known = None
-    if session.config.getoption("xfails_file", None) and _SESSION.results:
-        known = known_findings_report(session.config, _SESSION.results)
+    if (xfails_file := session.config.getoption("xfails_file", None)) and _SESSION.results:
+        known = known_findings_report(xfails_file, _SESSION.results)
         if known["not_reproduced"] and known["all_properties_ran"]:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED  # strict: a listed finding no longer reproduces
-    path = session.config.getoption("results_json", None)
-    if path:
-        Path(path).write_text(json.dumps({
-            "profile": _STATE["profile"], "required_examples": suite_settings().max_examples,
-            "max_shrinks": max_shrinks(), "max_findings": session.config.getoption("max_findings") or MAX_FINDINGS,
-            "refusals": dict(_SESSION.refusals()), "known_failures": known, "results": _SESSION.results,
-        }, indent=2))
+    _write_results(known)
+
+
+def _write_results(known: dict[str, Any] | None) -> None:
+    """The session's results so far into --results-json, if given (the controlling process)."""
+    if not _STATE["results_json"]:
+        return
+    Path(_STATE["results_json"]).write_text(json.dumps({
+        "profile": _STATE["profile"], "required_examples": suite_settings().max_examples,
+        "max_shrinks": max_shrinks(), "max_findings": _STATE["max_findings"],
+        "refusals": dict(_SESSION.refusals()), "known_failures": known, "results": _SESSION.results,
+    }, indent=2))
 
 
 @pytest.fixture(scope="session")
@@ -575,7 +587,7 @@ def suite(pytestconfig: pytest.Config, bridge, megatron_runtime, rank_pool) -> S
         checkpoint=Path(checkpoint).resolve() if checkpoint else None,
         dtypes=dtypes,
         max_shrinks=max_shrinks(),
-        max_findings=pytestconfig.getoption("max_findings") or MAX_FINDINGS,
+        max_findings=_STATE["max_findings"],
         known_findings=_known_findings(pytestconfig),
         isolate_triggers=not pytestconfig.getoption("no_triggers"),
         config_limits=_config_limits(pytestconfig),
@@ -596,18 +608,18 @@ def _known_findings(config: pytest.Config) -> dict[str, str]:
     return read_known_findings(path) if path else {}
 
 
-def known_findings_report(config: pytest.Config, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """How the session's findings compare with the known-failures file: the findings it does not
-    list (`new`), and its entries that no finding matched (`not_reproduced`; they fail the run
+def known_findings_report(xfails_file: str | Path, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the findings of `results` compare with the known-failures file: the findings it does
+    not list (`new`), and its entries that no finding matched (`not_reproduced`; they fail the run
     when every property ran, as a fix then shows up)."""
     from .findings import merge_findings
     from .properties import PROPERTIES
 
-    known = _known_findings(config)
+    known = read_known_findings(xfails_file)
     found = {f["id"] for f in merge_findings(results)}
     ran = {_property_of_id(r["test"]) for r in results if r["verdict"] not in ("error", "not run")}
     return {
-        "file": config.getoption("xfails_file", None),
+        "file": str(xfails_file),
         "new": sorted(found - set(known)),
         "not_reproduced": sorted(set(known) - found),
         "all_properties_ran": set(PROPERTIES) <= ran,

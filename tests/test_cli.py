@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,6 +77,48 @@ def test_no_arguments_certifies_the_reference_bridge(tmp_path: Path) -> None:
         assert published * 10 >= entry["examples"], f"{prop}: {entry['structures']} of {entry['examples']} examples"
     assert set(certificate["tested"]["structures"]) == set(PUBLISHED_STRUCTURES), certificate["tested"]["structures"]
     assert certificate["tested"]["long_inputs"] > 0, certificate["tested"]
+
+
+@pytest.mark.whole_runs
+def test_an_interrupted_certification_resumes_where_it_stopped(tmp_path: Path) -> None:
+    """A certify killed after its first test resumes with --resume: the finished test is kept, the
+    others run, and the certificate covers all of them and names both runs. A resume with other
+    options is refused, naming the option."""
+    command = [sys.executable, "-m", "conformance", "certify", "--out", "cert", *SMALL]
+    environ = {**os.environ, "PYTHONPATH": f"{HERE}:{os.environ.get('PYTHONPATH', '')}"}
+    first = subprocess.Popen(command, cwd=tmp_path, env=environ, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    progress = tmp_path / "cert" / "progress.log"
+    deadline = time.monotonic() + 600
+    while not (progress.is_file() and progress.read_text().strip()):
+        assert first.poll() is None and time.monotonic() < deadline, f"certify ended ({first.returncode}) or stalled"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # as a lost machine would: nothing runs at the end
+    first.wait()
+    partial = json.loads((tmp_path / "cert" / "results.partial.json").read_text())
+    finished = [r["test"] for r in partial["results"]]
+    assert 1 <= len(finished) < 7 and not (tmp_path / "cert" / "certificate.json").exists(), finished
+
+    refused = cli("certify", "--out", "cert", "--resume", *SMALL[:1], "11", *SMALL[2:], cwd=tmp_path)
+    assert refused.returncode == 2 and "max_examples: 10 there, 11 now" in refused.stderr, refused.stderr
+    nothing = cli("certify", "--out", "elsewhere", "--resume", *SMALL, cwd=tmp_path)
+    assert nothing.returncode == 2 and "run.json is missing" in nothing.stderr, nothing.stderr
+
+    run = cli("certify", "--out", "cert", "--resume", *SMALL, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"resuming run 2 in {tmp_path / 'cert'}: {len(finished)} finished tests kept" in run.stdout, run.stdout
+    certificate = json.loads((tmp_path / "cert" / "certificate.json").read_text())
+    validate(certificate)
+    assert certificate["conforms"], certificate["headline"]
+    assert all(e["verdict"] == "pass" and e["examples"] >= 10 for e in certificate["properties"].values()), \
+        certificate["properties"]
+    runs = certificate["runs"]
+    assert [len(r["tests"]) for r in runs] == [len(finished), 7 - len(finished)], runs
+    assert sorted(runs[0]["tests"] + runs[1]["tests"]) == sorted(
+        [*(f"test_{p}" for p in certificate["properties"]),
+         *(f"test_published_structure_is_supported[{s}]" for s in certificate["published"])]), runs
+    assert "| runs | 2 (an interrupted run resumed" in (tmp_path / "cert" / "certificate.md").read_text()
+    assert not (tmp_path / "cert" / "results.partial.json").exists()
 
 
 @pytest.mark.whole_runs
