@@ -111,12 +111,9 @@ def merge_results(kept: list[dict[str, Any]], new: dict[str, Any], xfails_file: 
     `new`'s), and the declared refusals and the comparison with the known failures recomputed over
     all of them."""
     from .plugin import known_findings_report
+    from .recorder import SessionRecord
 
     new_tests = {r["test"] for r in new["results"]}
     results = [r for r in kept if r["test"] not in new_tests] + new["results"]
-    refusals: dict[str, int] = {}
-    for result in results:
-        for reason, n in result.get("record", {}).get("refusals", {}).items():
-            refusals[reason] = refusals.get(reason, 0) + n
     known = known_findings_report(xfails_file, results) if xfails_file and results else None
-    return {**new, "refusals": refusals, "known_failures": known, "results": results}
+    return {**new, "refusals": dict(SessionRecord(results).refusals()), "known_failures": known, "results": results}
