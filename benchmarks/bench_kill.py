@@ -2,7 +2,7 @@
 
     python benchmarks/bench_kill.py [--mutants a,b] [--profile ci]
 
-For each mutant of `conformance/mutants.py`, runs the property that is expected to kill it, the
+For each mutant of `conformance/mutants/`, runs the property that is expected to kill it, the
 way the suite runs (a fresh pytest process, layouts drawn from every layout of up to 4 ranks,
 shrinking on), and prints a table: the number of the first failing example, the seconds to it
 (time to kill), the seconds spent after it (shrinking to a minimal counterexample), and the

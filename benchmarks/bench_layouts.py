@@ -35,7 +35,7 @@ import bench_properties
 
 from conformance import distributed
 from conformance.bridge import resolve_bridge
-from conformance.megatron_runtime import apply_cpu_patches, init_process_group_once, one_thread_per_process
+from conformance.parallel import start_megatron_process
 from conformance.session import SuiteSession
 from conformance.rank_pool import RankFailure, RankPool
 from ernie_ref.layout import Layout
@@ -177,9 +177,7 @@ def main() -> None:
         return
 
     costs = [start_cost_in_fresh_process(ranks) for ranks in (2, 4)]
-    one_thread_per_process()
-    apply_cpu_patches()
-    init_process_group_once()
+    start_megatron_process()
     bridge = resolve_bridge(args.bridge)
     bench_properties.instrument(bridge)
     layouts = [Layout.parse(text) for text in args.layouts.split(",") if text.strip()]

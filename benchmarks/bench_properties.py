@@ -28,7 +28,7 @@ warnings.filterwarnings("ignore")
 
 from conformance import properties  # noqa: E402
 from conformance.bridge import resolve_bridge  # noqa: E402
-from conformance.megatron_runtime import apply_cpu_patches, init_process_group_once, one_thread_per_process  # noqa: E402
+from conformance.parallel import start_megatron_process  # noqa: E402
 from conformance.session import SuiteSession  # noqa: E402
 from conformance.strategies import ConfigLimits  # noqa: E402
 from conformance.suite.drawing import draw_case  # noqa: E402
@@ -95,9 +95,7 @@ def main() -> None:
     parser.add_argument("--structure", choices=["mix", "small", *PUBLISHED_STRUCTURES], default="mix")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
-    one_thread_per_process()
-    apply_cpu_patches()
-    init_process_group_once()
+    start_megatron_process()
     bridge = resolve_bridge(args.bridge)
     instrument(bridge)
     suite = SuiteSession(bridge=bridge, bridge_spec=args.bridge, bridge_version=bridge.version(),

@@ -33,10 +33,10 @@ from hypothesis import strategies as st
 
 from conformance.bridge import resolve_bridge
 from conformance.distributed import run_on_ranks
-from conformance.megatron_runtime import apply_cpu_patches, init_process_group_once, one_thread_per_process
 from conformance.megatron_trace import merge_traces
 from conformance.numerics import tolerance
-from conformance.cases import Case, Inputs
+from conformance.parallel import start_megatron_process
+from conformance.cases import Case
 from conformance.properties import chosen_experts, oracle_trace, prepare_checkpoint, stage_errors, stage_kind
 from conformance.strategies import ConfigLimits, configs, inputs, published_configs, seeds
 from ernie_ref.published import PUBLISHED_STRUCTURES
@@ -131,9 +131,7 @@ def main() -> None:
     parser.add_argument("--structure", default=None, choices=sorted(PUBLISHED_STRUCTURES),
                         help="draw this published structure alone (narrowed widths)")
     args = parser.parse_args()
-    one_thread_per_process()
-    apply_cpu_patches()
-    init_process_group_once(world_size=1, rank=0)
+    start_megatron_process()
     torch.manual_seed(0)
     bridge = resolve_bridge(args.bridge)
     print(f"bridge {bridge.name} {bridge.version()}; {args.examples} drawn examples per dtype, one rank")

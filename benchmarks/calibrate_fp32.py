@@ -30,9 +30,9 @@ from hypothesis import strategies as st
 from conformance.bridge import resolve_bridge
 from conformance.cases import Case
 from conformance.distributed import run_on_ranks, set_pool
-from conformance.megatron_runtime import apply_cpu_patches, init_process_group_once, one_thread_per_process
 from conformance.megatron_trace import merge_traces
 from conformance.numerics import FP32_RTOL, ROUTING_MARGIN, NearTieFollower
+from conformance.parallel import start_megatron_process
 from conformance.properties import chosen_experts, conditioning_error, prepare_checkpoint, stage_errors, worst_stage_error
 from conformance.rank_pool import RankPool
 from conformance.strategies import ConfigLimits, all_layouts, configs, inputs, seeds
@@ -117,9 +117,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="Hypothesis seed of the draws")
     parser.add_argument("--max-world", type=int, default=4, help="largest layout drawn, in ranks")
     args = parser.parse_args()
-    one_thread_per_process()
-    apply_cpu_patches()
-    init_process_group_once(world_size=1, rank=0)
+    start_megatron_process()
     torch.manual_seed(0)
     bridge = resolve_bridge(args.bridge)
     print(f"bridge {bridge.name} {bridge.version()}; {args.examples} drawn fp32 examples, layouts up to "

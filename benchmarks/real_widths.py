@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import time
 import warnings
-from pathlib import Path
 
+from conformance.process_setup import hide_gpus
+
+# Every warning, not only megatron-core's (conformance.process_setup.MEGATRON_WARNINGS): the script
+# prints a table to paste, which any warning would break up.
 warnings.filterwarnings("ignore")
 
 
@@ -31,12 +33,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     args = parser.parse_args()
     if args.device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # as the suite's --device cpu: the bridge must not see a GPU
+        hide_gpus()  # as the suite's --device cpu: the bridge must not see a GPU
     import torch
 
     from conformance.cases import Case, Inputs
-    from conformance.megatron_runtime import apply_cpu_patches, init_process_group_once
+    from conformance.cpu_patches import apply_cpu_patches
     from conformance.numerics import tolerance
+    from conformance.parallel import init_process_group_once
     from conformance.properties import PropertyFailure, run_property
     from ernie_ref.megatron import ReferenceBridge
     from ernie_ref.published import published_config

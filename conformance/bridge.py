@@ -112,7 +112,7 @@ def bridge_call(call: str, fn, *args, **kwargs):
 
 def portable_traceback(error: BaseException) -> str:
     """`error`'s traceback with each file named as Python imports it (`megatron/core/...`,
-    `conformance/mutants.py`) rather than by this machine's paths: it goes into counterexamples
+    `conformance/mutants/refusal.py`) rather than by this machine's paths: it goes into counterexamples
     and certificates that are read elsewhere."""
     import sys
     import traceback

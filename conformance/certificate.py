@@ -64,6 +64,7 @@ def build_certificate(
     checkpoint: str | None,
     out_dir: Path,
     runs: list[dict[str, Any]] | None = None,
+    suite_sources: str | None = None,
 ) -> dict[str, Any]:
     """Turn the suite's results (`--results-json`) into a certificate dict: what was drawn and
     what held, with every path relative to `out_dir`."""
@@ -113,7 +114,9 @@ def build_certificate(
         "bridge": {"name": bridge.name, "spec": bridge_spec, "version": bridge.version()},
         "versions": {
             "ernie-conformance": package_version("ernie-conformance"),
-            "ernie-conformance sources": suite_sources_digest(),
+            # The digest the run recorded when it started (a resumed run checked it again), not
+            # the sources' digest at the end: they may have changed while it ran.
+            "ernie-conformance sources": suite_sources or suite_sources_digest(),
             "megatron-core": package_version("megatron-core"),
             "transformers": package_version("transformers"),
             "torch": package_version("torch"),

@@ -110,7 +110,7 @@ def merge_results(kept: list[dict[str, Any]], new: dict[str, Any], xfails_file: 
     """The results file `new` with the `kept` results of earlier runs put first (a test in both:
     `new`'s), and the declared refusals and the comparison with the known failures recomputed over
     all of them."""
-    from .plugin import known_findings_report
+    from .known_failures import known_findings_report
     from .recorder import SessionRecord
 
     new_tests = {r["test"] for r in new["results"]}

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
+
+from .process_setup import ignore_megatron_warnings
 
 __all__ = ["main"]
 
@@ -43,7 +43,7 @@ def _bridges(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     from .bridge import resolve_bridge
     from .counterexample import Counterexample
-    from .megatron_runtime import apply_cpu_patches, init_process_group_once, one_thread_per_process
+    from .parallel import start_megatron_process
 
     example = Counterexample.load(args.file)
     case = example.case()
@@ -52,9 +52,7 @@ def _replay(args: argparse.Namespace) -> int:
           f"(saved with {example.bridge_version})")
     print(f"  {case.describe()}")
     print(f"  saved failure: {example.message.splitlines()[0]}")
-    one_thread_per_process()
-    apply_cpu_patches()
-    init_process_group_once()
+    start_megatron_process()
     with contextlib.ExitStack() as stack:
         if case.layout.world_size > 1:  # the layout's ranks, each a process of a pool, as in the suite
             from . import distributed
@@ -177,7 +175,7 @@ def _certify(args: argparse.Namespace) -> int:
     identity.save(out, runs)
 
     from .certificate import build_certificate, write_certificate
-    from .plugin import DTYPE_OPTIONS, checkpoint_layouts_and_dtypes, parse_layouts
+    from .session import DTYPE_OPTIONS, checkpoint_layouts_and_dtypes, parse_layouts
 
     layouts, dtypes = parse_layouts(args.layouts, max_ranks=4), DTYPE_OPTIONS[args.dtype]
     if args.checkpoint:  # what applied to it, not what the command line allowed
@@ -185,7 +183,7 @@ def _certify(args: argparse.Namespace) -> int:
     certificate = build_certificate(
         bridge=bridge, bridge_spec=args.bridge, results=results,
         profile=f"ernie-{args.profile}", layouts=[str(layout) for layout in layouts], device=args.device,
-        dtypes=dtypes, checkpoint=args.checkpoint, out_dir=out, runs=runs,
+        dtypes=dtypes, checkpoint=args.checkpoint, out_dir=out, runs=runs, suite_sources=identity.suite_sources,
     )
     write_certificate(certificate, out)
     verdict = "CONFORMS" if certificate["conforms"] else "DOES NOT CONFORM"
@@ -251,8 +249,7 @@ def _kill_matrix(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     # megatron-core warns about its own optional dependencies on import: noise here.
-    warnings.filterwarnings("ignore", module="megatron")
-    warnings.filterwarnings("ignore", category=UserWarning, message=".*(Apex|Transformer Engine).*")
+    ignore_megatron_warnings()
     parser = argparse.ArgumentParser(prog="ernie-conformance", description="ERNIE 4.5 MoE bridge conformance suite")
     sub = parser.add_subparsers(dest="command")
 

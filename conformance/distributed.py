@@ -115,8 +115,8 @@ def rank_task(action: str, bridge: Any, case: Any, hf_dir: Path, out_dir: Path |
 
     The bridge's own calls (load, export, its model's forward) raise `BridgeError`; anything else
     raised here is an error of the suite."""
-    from .megatron_runtime import init_model_parallel
     from .megatron_trace import record_forward
+    from .parallel import init_model_parallel
 
     layout = case.layout
     init_model_parallel(layout.tp, layout.pp, layout.ep, layout.vpp if layout.vpp > 1 else None, seed=init_seed)

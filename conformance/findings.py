@@ -33,7 +33,7 @@ from ernie_ref.checkpoint import omittable_keys
 from ernie_ref.config import ConfigError
 from ernie_ref.layout import Layout
 
-from .cases import Case, Corruption, Inputs
+from .cases import Case, Corruption
 from .numerics import tolerance
 from .properties import PropertyFailure
 from .strategies import contradicting_changes, misshaped, plausible_extra_tensors

@@ -1,5 +1,7 @@
 """The kill matrix: which property of the suite kills which mutant (`conformance.mutants`), after
-how many examples and how many seconds.
+how many examples and how many seconds. The mutants are read from their catalogue
+(`conformance.mutants.catalogue`), plain data: this process only starts the pytest sessions, and
+imports no mutant class (nor megatron with it).
 
 Each mutant gets one pytest session of the suite, exactly as a user runs it
 (`pytest --pyargs conformance.suite --bridge conformance.mutants:X`, ci profile), with every
@@ -20,10 +22,9 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 
-from .mutants import MUTANTS, PARTS, mutant_spec
+from .mutants.catalogue import CATALOGUE, PARTS
 from .properties import PROPERTIES
 
 __all__ = ["Kill", "MutantRun", "run_mutant", "kill_matrix", "render_markdown", "update_markdown"]
@@ -73,7 +74,7 @@ def run_mutant(name: str, props: tuple[str, ...] = PROPERTIES, profile: str = "c
     """Run the suite's `props` against mutant `name` in a fresh pytest process."""
     with tempfile.TemporaryDirectory(prefix="ernie-kill-") as tmp:
         results = Path(tmp) / "results.json"
-        command = suite_command(mutant_spec(name), props, results, Path(tmp) / "counterexamples", profile, shrink, extra)
+        command = suite_command(CATALOGUE[name].spec, props, results, Path(tmp) / "counterexamples", profile, shrink, extra)
         run = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
         if not results.is_file():
@@ -98,8 +99,8 @@ def run_mutant(name: str, props: tuple[str, ...] = PROPERTIES, profile: str = "c
 def kill_matrix(names: list[str] | None = None, jobs: int = 1, profile: str = "ci",
                 progress=None) -> list[MutantRun]:
     """Every property against every mutant named (default: the whole catalogue)."""
-    names = names or list(MUTANTS)
-    unknown = [n for n in names if n not in MUTANTS]
+    names = names or list(CATALOGUE)
+    unknown = [n for n in names if n not in CATALOGUE]
     if unknown:
         raise ValueError(f"unknown mutants {unknown}: expected names from conformance.mutants.MUTANTS")
 
@@ -125,21 +126,22 @@ def _measured_with() -> str:
     from .versions import package_version
 
     return (f"ernie-conformance {package_version('ernie-conformance')}, megatron-core {package_version('megatron-core')}, "
-            f"transformers {package_version('transformers')}, torch {version('torch')}, on {os.cpu_count()} CPU cores")
+            f"transformers {package_version('transformers')}, torch {package_version('torch')}, on {os.cpu_count()} CPU cores")
 
 
 def _row(run: MutantRun) -> str:
-    cls = MUTANTS[run.mutant]
+    listing = CATALOGUE[run.mutant]
     if run.error:
-        return f"| `{run.mutant}` | {cls.part} | {cls.killed_by} | error: {run.error[-200:]!r} |"
-    return f"| `{run.mutant}` | {cls.part} | {cls.killed_by} | " + " | ".join(_cell(run.kills.get(p)) for p in PROPERTIES) + " |"
+        return f"| `{run.mutant}` | {listing.part} | {listing.killed_by} | error: {run.error[-200:]!r} |"
+    return (f"| `{run.mutant}` | {listing.part} | {listing.killed_by} | "
+            + " | ".join(_cell(run.kills.get(p)) for p in PROPERTIES) + " |")
 
 
 def _bug_line(name: str) -> str:
-    cls = MUTANTS[name]
-    where = f" Right on one rank; revealed under {cls.reveals_under}." if cls.reveals_under else ""
-    where += f" Right for fp32 checkpoints; revealed by {cls.reveals_in} ones." if cls.reveals_in else ""
-    return f"- `{name}` ({cls.part}): {cls.bug()}{where}"
+    listing = CATALOGUE[name]
+    where = f" Right on one rank; revealed under {listing.reveals_under}." if listing.reveals_under else ""
+    where += f" Right for fp32 checkpoints; revealed by {listing.reveals_in} ones." if listing.reveals_in else ""
+    return f"- `{name}` ({listing.part}): {listing.bug}{where}"
 
 
 def _summary(rows: dict[str, str]) -> str:
@@ -160,11 +162,11 @@ def update_markdown(existing: str, runs: list[MutantRun], profile: str) -> str:
     rows = {line.split("`")[1]: line for line in lines if line.startswith("| `")}
     for run in runs:
         rows[run.mutant] = _row(run)
-    unknown = sorted(set(rows) - set(MUTANTS))
+    unknown = sorted(set(rows) - set(CATALOGUE))
     if unknown:
         raise ValueError(f"{unknown} are in the kill matrix but not in the catalogue: regenerate it whole")
     order = {part: i for i, part in enumerate(PARTS)}
-    names = sorted(rows, key=lambda n: (order[MUTANTS[n].part], n))
+    names = sorted(rows, key=lambda n: (order[CATALOGUE[n].part], n))
     head = lines[:lines.index(next(l for l in lines if l.startswith("| mutant |")))]
     head = [l for l in head if not l.startswith("**")]
     head = [re.sub(r"\((\d+) broken", f"({len(rows)} broken", line) for line in head]
@@ -183,7 +185,7 @@ def render_markdown(runs: list[MutantRun], profile: str, wall_s: float) -> str:
     lines = [
         "# Kill matrix",
         "",
-        f"Every property of the suite against every mutant of `conformance/mutants.py` ({len(runs)} broken",
+        f"Every property of the suite against every mutant of `conformance/mutants/` ({len(runs)} broken",
         f"bridges), {profile} profile, layouts drawn from every layout of up to 4 ranks, fp32 and bf16 checkpoints. A cell gives the",
         "number of the first failing example and the seconds to it (before shrinking), or the",
         "examples a property ran without failing (drawn examples, including those set aside as",
@@ -197,7 +199,7 @@ def render_markdown(runs: list[MutantRun], profile: str, wall_s: float) -> str:
         "| --- | --- | --- | " + " | ".join("---" for _ in PROPERTIES) + " |",
     ]
     order = {part: i for i, part in enumerate(PARTS)}
-    ordered = sorted(runs, key=lambda r: (order[MUTANTS[r.mutant].part], r.mutant))
+    ordered = sorted(runs, key=lambda r: (order[CATALOGUE[r.mutant].part], r.mutant))
     lines += [_row(run) for run in ordered]
     lines += ["", "## The bugs", ""] + [_bug_line(run.mutant) for run in ordered]
     return "\n".join(lines) + "\n"

@@ -18,7 +18,7 @@ import torch
 from ernie_ref import LayerTrace, RoutingTrace, Trace
 
 from .bridge import BridgeError, bridge_call
-from .megatron_runtime import causal_mask
+from .cpu_patches import causal_mask
 
 __all__ = ["record_forward", "merge_traces", "megatron_trace"]
 
@@ -27,10 +27,22 @@ def _sb_to_bs(x: torch.Tensor) -> torch.Tensor:
     return x.detach().transpose(0, 1).contiguous()  # [S, B, ...] -> [B, S, ...]
 
 
+def _snapshot(output: Any) -> Any:
+    """What a hook saw, copied when it saw it. The trace is read after the forward, and by then a
+    pipeline schedule may have freed a chunk's output, which is its last layer's output: with
+    Megatron-Core's deallocate_pipeline_outputs (mcore-bridge's and Megatron-Bridge's training
+    default) the sent tensor's .data becomes a 1-element tensor. Kept by reference, such a layer
+    looked as if it had given hidden states of shape [1]."""
+    if isinstance(output, torch.Tensor):
+        return output.detach().clone()
+    if isinstance(output, tuple):
+        return tuple(_snapshot(item) for item in output)
+    return output
+
+
 def _check_hidden(index: int, what: str, x: Any, seq: int, batch: int) -> None:
     """A layer of the bridge's model must give [S, B, H] activations: anything else is its
-    model's output, not something the trace can compare (seen: megatron-bridge 0.6.2 under
-    tp1-pp2-ep2-vpp2 gave a layer output of shape [1])."""
+    model's output, not something the trace can compare."""
     shape = tuple(x.shape) if isinstance(x, torch.Tensor) else None
     if shape is None or len(shape) != 3 or shape[:2] != (seq, batch):
         raise BridgeError("forward", "InvalidActivation",
@@ -104,7 +116,7 @@ def record_forward(chunks: list[torch.nn.Module], input_ids: torch.Tensor) -> di
     hooks = []
 
     def keep(slot: dict, key: str):
-        return lambda module, args, output: slot.__setitem__(key, output)
+        return lambda module, args, output: slot.__setitem__(key, _snapshot(output))
 
     for model in chunks:
         model.eval()
@@ -114,7 +126,7 @@ def record_forward(chunks: list[torch.nn.Module], input_ids: torch.Tensor) -> di
             slot = layers.setdefault(layer.layer_number - 1, {})
             hooks.append(layer.register_forward_hook(keep(slot, "output")))
             hooks.append(layer.pre_mlp_layernorm.register_forward_pre_hook(
-                lambda m, args, slot=slot: slot.__setitem__("after_attention", args[0])))
+                lambda m, args, slot=slot: slot.__setitem__("after_attention", _snapshot(args[0]))))
             router = getattr(layer.mlp, "router", None)
             if router is not None:
                 hooks.append(router.register_forward_hook(keep(slot, "router")))

@@ -1,4 +1,4 @@
-"""pytest plugin of the conformance suite: options, Hypothesis profiles, fixtures, report header.
+"""pytest plugin of the conformance suite: its options, hooks and fixtures, and the report header.
 
 Loaded in every pytest session of an environment where ernie-conformance is installed
 (entry point `pytest11`), so `pytest --pyargs conformance --bridge NAME` works anywhere. It
@@ -7,11 +7,14 @@ suite's modules (`conformance.suite`) are collected does it hide GPUs, apply its
 (to the suite's tests alone) and record results. Its Hypothesis profiles have names of their own
 (`ernie-dev`, `ernie-ci`, `ernie-thorough`) and are applied to the suite's tests alone, so a
 project's own `ci` profile stays as it is.
+
+The rooms beside it: the profiles and the session's choice of one in `profiles`; the session the
+suite's tests get, and the layouts, dtypes and config bounds it is built from, in `session`; what
+each test saw in `recorder`; the known-failures file in `known_failures`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -19,61 +22,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
-
 from .independent_draws import make_draws_independent
-from .recorder import RECORDER, SessionRecord, verdict_of
-from .session import SuiteSession
+from .process_setup import hide_gpus, megatron_warning_lines
+from .known_failures import known_findings_report, property_of_test_id, read_known_findings
+from .profiles import MAX_FINDINGS, MAX_SHRINKS, choose, chosen, default_profile, max_shrinks, suite_settings
+from .recorder import RECORDER, SessionRecord
+from .session import (DEFAULT_BRIDGE, DTYPE_OPTIONS, SuiteSession, check_layouts_fit_world, checkpoint_layouts_and_dtypes,
+                      config_limits, parse_layouts)
 from .versions import package_version
 
-# Profiles: dev explores (random, small), ci is reproducible (derandomized), thorough digs.
-# No deadline anywhere: one example builds models, and a slow machine is not a failure.
-# filter_too_much is not suppressed: a bridge that declares most draws unsupported makes
-# Hypothesis give up, and the certificate calls the property inconclusive, saying why.
-_COMMON = dict(
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    print_blob=False,  # a counterexample file and its replay command say how to reproduce
-)
-PROFILES = {"ernie-dev": 30, "ernie-ci": 100, "ernie-thorough": 500}
-settings.register_profile("ernie-dev", max_examples=PROFILES["ernie-dev"], **_COMMON)
-settings.register_profile("ernie-ci", max_examples=PROFILES["ernie-ci"], derandomize=True, database=None, **_COMMON)
-settings.register_profile("ernie-thorough", max_examples=PROFILES["ernie-thorough"], **_COMMON)
-# Examples run after a test's first failure (shrinking it), at most; see suite.drawing.check.
-MAX_SHRINKS = {"ernie-dev": 50, "ernie-ci": 50, "ernie-thorough": 400}
-# Findings searched for per property: after each, the property is searched again without it.
-MAX_FINDINGS = 10
-
-DEFAULT_BRIDGE = "reference"
-# --dtype -> the dtypes drawn, fp32 first so that a failure shrinks towards full precision.
-DTYPE_OPTIONS = {"fp32": ["float32"], "bf16": ["bfloat16"], "any": ["float32", "bfloat16"]}
 ENV_HYPOTHESIS_DB = "ERNIE_CONFORMANCE_HYPOTHESIS_DB"
 SUITE_PACKAGE = "conformance.suite"
 SUITE_DIR = Path(__file__).parent / "suite"
 
 _SESSION = SessionRecord()  # the controlling process's results, one per test of the suite
-_STATE: dict[str, Any] = {"settings": None, "profile": "", "max_shrinks": 50, "suite": False, "worker": False,
-                          "progress": None, "results_json": None, "max_findings": None, "total": 0}
+_STATE: dict[str, Any] = {"suite": False, "worker": False, "progress": None, "results_json": None, "total": 0}
 
 
 class Inconclusive(AssertionError):
     """A property held on fewer valid examples than the profile asks for: no verdict was earned."""
-
-
-def default_profile() -> str:
-    return "ernie-ci" if os.environ.get("CI") else "ernie-dev"
-
-
-def suite_settings() -> settings:
-    """The settings of the suite's tests: the chosen profile with the command line's overrides.
-    The suite's test modules apply them to each test, so no global profile is loaded."""
-    if _STATE["settings"] is None:  # the plugin did not configure (imported outside pytest)
-        return settings.get_profile(default_profile())
-    return _STATE["settings"]
-
-
-def max_shrinks() -> int:
-    return _STATE["max_shrinks"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -127,12 +94,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 # Warnings that megatron-core raises about itself on every import or build (deprecations, no
 # Apex or Transformer Engine): noise in a report about a bridge. Applied to the suite's tests only.
-_IGNORED_WARNINGS = (
-    "ignore::DeprecationWarning:megatron",
-    "ignore::FutureWarning:megatron",
-    "ignore::UserWarning:megatron",
-    "ignore:MLP requires ffn_hidden_size:DeprecationWarning",
-)
+_IGNORED_WARNINGS = megatron_warning_lines()
 
 
 def _names_the_suite(config: pytest.Config) -> bool:
@@ -169,7 +131,6 @@ def pytest_configure(config: pytest.Config) -> None:
     _STATE["worker"] = hasattr(config, "workerinput")
     _STATE["progress"] = config.getoption("progress", None)
     _STATE["results_json"] = config.getoption("results_json", None)
-    _STATE["max_findings"] = config.getoption("max_findings", None) or MAX_FINDINGS
     profile = config.getoption("hypothesis_profile", None) or default_profile()
     overrides: dict[str, Any] = {}
     if (max_examples := config.getoption("max_examples", None)) is not None:
@@ -183,12 +144,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
         overrides["phases"] = [p for p in Phase if p not in (Phase.shrink, Phase.explain)]
     try:
-        base = settings.get_profile(profile)
+        choose(profile, overrides, config.getoption("max_shrinks", None), config.getoption("max_findings", None))
     except Exception as e:  # noqa: BLE001 - Hypothesis' own error names the profile
         raise pytest.UsageError(f"--hypothesis-profile {profile}: {e}") from e
-    _STATE["settings"] = settings(base, **overrides)
-    _STATE["profile"] = profile + "".join(f" {k}={v}" for k, v in overrides.items() if k == "max_examples")
-    _STATE["max_shrinks"] = config.getoption("max_shrinks", None) or MAX_SHRINKS.get(profile, 100)
     if _names_the_suite(config):
         _enter_suite_mode(config)
 
@@ -197,7 +155,7 @@ def _select_device(device: str) -> None:
     """cpu: hide any GPU, before CUDA starts, from this process and the rank processes it starts
     (the bridges' model code puts models on a GPU whenever it sees one). cuda: one must be there."""
     if device == "cpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        hide_gpus()
         return
     import torch
 
@@ -214,7 +172,7 @@ def _is_suite_item(item: pytest.Item) -> bool:
 def _property_of(item: pytest.Item) -> str | None:
     from .properties import PROPERTIES
 
-    name = item.name.split("[")[0].removeprefix("test_")
+    name = property_of_test_id(item.nodeid)
     return name if name in PROPERTIES else None
 
 
@@ -232,7 +190,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return [
         f"ernie-conformance {package_version('ernie-conformance')}: bridge {bridge.name} {bridge.version()}",
         f"megatron-core {package_version('megatron-core')}, transformers {package_version('transformers')}, "
-        f"torch {package_version('torch')}; hypothesis profile {_STATE['profile']} "
+        f"torch {package_version('torch')}; hypothesis profile {chosen().label} "
         f"({suite_settings().max_examples} examples, at most {max_shrinks()} to shrink a failure)",
         f"layouts: {len(layouts)} ({', '.join(map(str, layouts[:6]))}{', ...' if len(layouts) > 6 else ''}), "
         f"up to {max(layout.world_size for layout in layouts)} ranks; dtypes: "
@@ -240,27 +198,6 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         *([f"declared deviations of the adapter from the bridge as shipped ({len(deviations)}):"]
           + [f"  - {d}" for d in deviations] if deviations else []),
     ]
-
-
-def read_known_findings(path: str | Path) -> dict[str, str]:
-    """The known-failures file: finding id -> its comment (the `#` text on its line, else the
-    comment lines just above it). Test ids are refused: known failures are findings, so that a new
-    defect behind an already failing property still fails the run."""
-    known: dict[str, str] = {}
-    above: list[str] = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
-        entry, _, comment = line.partition("#")
-        entry = entry.strip()
-        if not entry:
-            above = above + [comment.strip()] if comment.strip() else []
-            continue
-        if "::" in entry or entry.startswith("test_") or "@" not in entry:
-            raise pytest.UsageError(
-                f"{path}:{number}: {entry!r} is not a finding id (such as 'load-raises-valueerror@moe_num_shared_experts'): "
-                "the known-failures file lists findings, not tests; see the findings of a certificate")
-        known[entry] = comment.strip() or " ".join(above)
-        above = []
-    return known
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -345,21 +282,10 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         outcome = report.outcome
         if hasattr(report, "wasxfail"):
             outcome = "xpassed" if report.passed else "xfailed"
-        record = props.get("record") or {}
-        _SESSION.results.append({
-            "test": report.nodeid,
-            "outcome": outcome,
-            "status": props["status"],
-            "verdict": verdict_of(outcome, props["status"]),
-            "why": props["why"],
-            "duration_s": round(report.duration, 3),
-            "examples": record.get("valid", 0),
-            "record": record,
-            "counterexample": record.get("counterexample"),
-            "first_failure": record.get("first_failure"),
-            "message": report.longreprtext if report.failed or outcome == "xfailed" else "",
-        })
-        _write_progress(_SESSION.results[-1])
+        message = report.longreprtext if report.failed or outcome == "xfailed" else ""
+        _SESSION.add(report.nodeid, outcome, props["status"], props["why"], report.duration,
+                     props.get("record") or {}, message)
+        _write_progress()
         # Written after every test, so that an interrupted certify keeps what finished
         # (`certify --resume`); the session's end adds the comparison with the known failures.
         _write_results(known=None)
@@ -374,17 +300,10 @@ def pytest_xdist_node_collection_finished(node, ids) -> None:
     _STATE["total"] = len(ids)
 
 
-def _write_progress(result: dict[str, Any]) -> None:
-    if not _STATE["progress"]:
-        return
-    done = len(_SESSION.results)
-    examples = sum(r["examples"] for r in _SESSION.results)
-    failures = sum(r["verdict"] == "fail" for r in _SESSION.results)
-    name = result["test"].rsplit("::", 1)[-1]
-    line = (f"[{done}/{_STATE['total'] or '?'}] {name}: {result['verdict']}, {result['examples']} valid examples "
-            f"in {result['duration_s']:.1f}s (so far: {examples} examples, {failures} failures)")
-    with open(_STATE["progress"], "a") as f:
-        f.write(line + "\n")
+def _write_progress() -> None:
+    if _STATE["progress"]:
+        with open(_STATE["progress"], "a") as f:
+            f.write(_SESSION.progress_line(_STATE["total"]) + "\n")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
@@ -437,11 +356,9 @@ def _write_results(known: dict[str, Any] | None) -> None:
     """The session's results so far into --results-json, if given (the controlling process)."""
     if not _STATE["results_json"]:
         return
-    Path(_STATE["results_json"]).write_text(json.dumps({
-        "profile": _STATE["profile"], "required_examples": suite_settings().max_examples,
-        "max_shrinks": max_shrinks(), "max_findings": _STATE["max_findings"],
-        "refusals": dict(_SESSION.refusals()), "known_failures": known, "results": _SESSION.results,
-    }, indent=2))
+    profile = chosen()
+    Path(_STATE["results_json"]).write_text(json.dumps(_SESSION.to_json(
+        profile.label, profile.settings.max_examples, profile.max_shrinks, profile.max_findings, known), indent=2))
 
 
 @pytest.fixture(scope="session")
@@ -454,57 +371,11 @@ def bridge(pytestconfig: pytest.Config):
 @pytest.fixture(scope="session")
 def megatron_runtime():
     """One intra-op thread, CPU patches applied and a one-rank gloo process group, once per session."""
-    from .megatron_runtime import apply_cpu_patches, destroy_model_parallel, init_process_group_once, one_thread_per_process
+    from .parallel import destroy_model_parallel, start_megatron_process
 
-    one_thread_per_process()
-    apply_cpu_patches()
-    init_process_group_once(world_size=1, rank=0)
+    start_megatron_process()
     yield
     destroy_model_parallel()
-
-
-def parse_layouts(text: str, max_ranks: int) -> list:
-    """The layouts to draw from: every one of up to `max_ranks` ranks for 'any', else the list."""
-    from ernie_ref.layout import Layout
-
-    from .strategies import all_layouts
-
-    if text.strip() == "any":
-        if max_ranks < 1:
-            raise pytest.UsageError(f"--max-ranks {max_ranks}: expected at least 1")
-        return all_layouts(max_ranks)
-    try:
-        layouts = [Layout.parse(t) for t in text.split(",") if t.strip()]
-    except ValueError as e:
-        raise pytest.UsageError(f"--layouts: {e}") from e
-    if not layouts:
-        raise pytest.UsageError(f"--layouts {text!r}: no layout given")
-    return layouts
-
-
-def check_layouts_fit_world(layouts: list, world_size: int, layouts_option: str, max_ranks: int) -> None:
-    """Raise a usage error unless every layout's ranks divide a launched world of `world_size` ranks.
-
-    Every example runs on every rank of such a world (a layout of fewer ranks is replicated,
-    data-parallel), so a layout of 3 ranks cannot run on 4, nor one of 4 ranks on 2.
-    """
-    import math
-
-    misfits = [layout for layout in layouts if world_size % layout.world_size]
-    if not misfits:
-        return
-    needed = math.lcm(*(layout.world_size for layout in layouts))
-    if layouts_option.strip() == "any":
-        raise pytest.UsageError(
-            f"--max-ranks {max_ranks} does not fit the torchrun world of {world_size} ranks: the layouts of "
-            f"--layouts any need {needed} ranks (or a multiple); use --max-ranks {world_size} or a divisor of it, "
-            f"or torchrun --nproc-per-node {needed}"
-        )
-    names = ", ".join(f"{layout} ({layout.world_size} ranks)" for layout in misfits)
-    raise pytest.UsageError(
-        f"--layouts: {names} do{'es' if len(misfits) == 1 else ''} not fit the torchrun world of {world_size} "
-        f"ranks: a layout's ranks must divide the world size"
-    )
 
 
 def _launcher_world() -> Any:
@@ -548,24 +419,6 @@ def rank_pool(pytestconfig: pytest.Config, bridge):
         pool.close()
 
 
-def checkpoint_layouts_and_dtypes(checkpoint: str | Path, layouts: list) -> tuple[list, list[str]]:
-    """With --checkpoint: the layouts of `layouts` that can split the checkpoint's model, and its
-    dtype (a user's checkpoint has its own); ValueError naming what does not fit."""
-    from ernie_ref.checkpoint import CheckpointError, TensorReader, checkpoint_dtype, read_config
-
-    if not Path(checkpoint, "config.json").is_file():
-        raise ValueError(f"--checkpoint {checkpoint}: no config.json there")
-    cfg = read_config(checkpoint)
-    fitting = [layout for layout in layouts if layout.problem(cfg) is None]
-    if not fitting:
-        raise ValueError(f"--checkpoint {checkpoint}: no layout of --layouts fits it: {layouts[-1].problem(cfg)}")
-    try:
-        dtype = str(checkpoint_dtype(cfg, TensorReader(checkpoint).dtypes)).removeprefix("torch.")
-    except (CheckpointError, ValueError) as e:
-        raise ValueError(f"--checkpoint {checkpoint}: {e}") from e
-    return fitting, [dtype]
-
-
 @pytest.fixture(scope="session")
 def suite(pytestconfig: pytest.Config, bridge, megatron_runtime, rank_pool) -> SuiteSession:
     from .counterexample import counterexample_dir
@@ -587,20 +440,11 @@ def suite(pytestconfig: pytest.Config, bridge, megatron_runtime, rank_pool) -> S
         checkpoint=Path(checkpoint).resolve() if checkpoint else None,
         dtypes=dtypes,
         max_shrinks=max_shrinks(),
-        max_findings=_STATE["max_findings"],
+        max_findings=chosen().max_findings,
         known_findings=_known_findings(pytestconfig),
         isolate_triggers=not pytestconfig.getoption("no_triggers"),
-        config_limits=_config_limits(pytestconfig),
+        config_limits=config_limits(pytestconfig.getoption("published_in_ten"), pytestconfig.getoption("device")),
     )
-
-
-def _config_limits(pytestconfig: pytest.Config):
-    from .strategies import ConfigLimits
-
-    published = pytestconfig.getoption("published_in_ten")
-    limits = ConfigLimits() if published is None else ConfigLimits(published_in_ten=published)
-    # A GPU runs sequences of the published models' training length; a CPU takes minutes beyond 1024.
-    return dataclasses.replace(limits, max_long_seq_len=4096) if pytestconfig.getoption("device") == "cuda" else limits
 
 
 def _known_findings(config: pytest.Config) -> dict[str, str]:
@@ -608,23 +452,3 @@ def _known_findings(config: pytest.Config) -> dict[str, str]:
     return read_known_findings(path) if path else {}
 
 
-def known_findings_report(xfails_file: str | Path, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """How the findings of `results` compare with the known-failures file: the findings it does
-    not list (`new`), and its entries that no finding matched (`not_reproduced`; they fail the run
-    when every property ran, as a fix then shows up)."""
-    from .findings import merge_findings
-    from .properties import PROPERTIES
-
-    known = read_known_findings(xfails_file)
-    found = {f["id"] for f in merge_findings(results)}
-    ran = {_property_of_id(r["test"]) for r in results if r["verdict"] not in ("error", "not run")}
-    return {
-        "file": str(xfails_file),
-        "new": sorted(found - set(known)),
-        "not_reproduced": sorted(set(known) - found),
-        "all_properties_ran": set(PROPERTIES) <= ran,
-    }
-
-
-def _property_of_id(test_id: str) -> str:
-    return test_id.rsplit("::", 1)[-1].split("[")[0].removeprefix("test_")

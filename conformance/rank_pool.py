@@ -39,7 +39,10 @@ and working directory as of the pool's start; under the fork server it gets the
 environment variables of the moment the fork server started, and functions defined in
 a script's ``__main__`` cannot be sent (put them in an importable module).
 
-This module is independent of pytest and imports torch only inside the workers.
+This module is independent of pytest and imports torch only inside the workers. How a rank
+replies (and how ranks are named in messages) is shared with :mod:`conformance.torchrun` in
+:mod:`conformance.rank_protocol`; the workers set themselves up with
+:mod:`conformance.process_setup`, :mod:`conformance.cpu_patches` and :mod:`conformance.parallel`.
 """
 
 from __future__ import annotations
@@ -51,15 +54,17 @@ import multiprocessing.connection
 import os
 import pickle
 import signal
-import socket
 import sys
 import tempfile
 import threading
 import time
 import traceback
-import warnings
 import weakref
 from typing import Any, Callable
+
+from .process_setup import ignore_megatron_warnings, megatron_warning_options
+from .rank_protocol import (ERROR, encode_reply, encode_task, error_reply, exception_of, ok_reply, pick_free_port,
+                            rank_list)
 
 __all__ = ["RankFailure", "RankTimeout", "RankPool"]
 
@@ -71,10 +76,6 @@ DEFAULT_FAILURE_GRACE_S = 1.0
 _STOP_GRACE_S = 2.0
 # Message that tells a worker to exit (a task is never empty: it is a pickle).
 _STOP = b""
-# Prefixes of megatron-core's import-time warnings (no Apex / Transformer Engine): passed
-# to the fork server as -W options and ignored in workers, so they do not litter the
-# session's stderr.
-_IMPORT_WARNINGS = ("Transformer Engine and Apex are not installed", "Apex is not installed")
 
 
 class RankFailure(Exception):
@@ -124,11 +125,6 @@ class RankTimeout(RankFailure):
         self.missing: list[int] = list(missing)
 
 
-def _ranks(ranks: Any) -> str:
-    ranks = sorted(ranks)
-    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(str(r) for r in ranks)
-
-
 # --------------------------------------------------------------------------------------
 # worker side
 # --------------------------------------------------------------------------------------
@@ -157,28 +153,10 @@ def _watch_owner(lifeline: Any, stack_path: str) -> None:
     os._exit(3)
 
 
-def _dumps(obj: Any) -> bytes:
-    """Plain pickle, by value.
-
-    Not ``Connection.send``'s ForkingPickler: torch registers reducers with it that move
-    tensors through shared memory by passing a file descriptor once, which breaks when
-    the same task bytes go to several ranks, and leaks handles when a rank is killed.
-    """
-    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def _send(conn: Any, obj: Any) -> None:
-    conn.send_bytes(_dumps(obj))
-
-
-def _reply_error(conn: Any, exc: BaseException) -> None:
-    """Send a formatted traceback (and, if it pickles, the exception itself)."""
-    text = "".join(traceback.format_exception(exc))
-    try:
-        exc_bytes: bytes | None = pickle.dumps(exc)
-    except Exception:
-        exc_bytes = None
-    _send(conn, ("err", text, exc_bytes))
+def _reply(conn: Any, reply: tuple[Any, ...]) -> None:
+    """Send `reply` to the parent; one that does not pickle is sent as this rank's error instead
+    (pickled before anything is written, so the pipe stays clean)."""
+    conn.send_bytes(encode_reply(reply))
 
 
 def _worker_main(
@@ -218,19 +196,14 @@ def _worker_main(
                           LOCAL_WORLD_SIZE=str(world_size))
         # megatron-core warns about itself on import and on every build (no Apex / TE,
         # deprecations): noise on the test session's stderr.
-        for category in (UserWarning, DeprecationWarning, FutureWarning):
-            warnings.filterwarnings("ignore", category=category, module="megatron")
-        for message in _IMPORT_WARNINGS:
-            warnings.filterwarnings("ignore", message=message, category=UserWarning)
-        from conformance.megatron_runtime import apply_cpu_patches, init_process_group_once, one_thread_per_process
+        ignore_megatron_warnings()
+        from conformance.parallel import start_megatron_process
 
-        one_thread_per_process()
-        apply_cpu_patches()
-        init_process_group_once(world_size, rank)
+        start_megatron_process(world_size, rank)
     except BaseException as exc:  # report, then exit: the parent raises RankFailure
-        _reply_error(conn, exc)
+        _reply(conn, error_reply(exc))
         return
-    _send(conn, ("ready", os.getpid()))
+    _reply(conn, ("ready", os.getpid()))
 
     while True:
         try:
@@ -243,14 +216,9 @@ def _worker_main(
             fn, args = pickle.loads(task)
             result = fn(*args)
         except BaseException as exc:
-            _reply_error(conn, exc)
+            _reply(conn, error_reply(exc))
             continue
-        try:
-            # Pickled before anything is written, so an unpicklable result leaves the
-            # pipe clean and can be reported as this rank's error instead.
-            _send(conn, ("ok", result))
-        except Exception as exc:
-            _reply_error(conn, exc)
+        _reply(conn, ok_reply(result))
     conn.close()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -293,10 +261,12 @@ def default_start_method() -> str:
 
 
 # Imported once by the fork server, so forked workers start with them loaded: torch,
-# the CPU runtime and the megatron-core modules a GPT model split over ranks needs.
+# the CPU patches, the process-group set-up and the megatron-core modules a GPT model split
+# over ranks needs.
 _PRELOAD = (
     "torch",
-    "conformance.megatron_runtime",
+    "conformance.cpu_patches",
+    "conformance.parallel",
     "megatron.core.parallel_state",
     "megatron.core.tensor_parallel",
     "megatron.core.models.gpt.gpt_model",
@@ -319,21 +289,11 @@ def _ensure_forkserver(preload: tuple[str, ...] = ()) -> None:
     # The fork server's command line copies this process's -W options
     # (sys.warnoptions); the parent's own warning filters are not affected.
     saved = list(sys.warnoptions)
-    sys.warnoptions.extend(f"ignore:{message}:UserWarning" for message in _IMPORT_WARNINGS)
+    sys.warnoptions.extend(megatron_warning_options())
     try:
         forkserver.ensure_running()
     finally:
         sys.warnoptions[:] = saved
-
-
-def _free_port() -> int:
-    """A currently free loopback TCP port, for rank 0's store.
-
-    Same as ``megatron_runtime.pick_free_port``, without importing torch into the parent.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class _Worker:
@@ -423,7 +383,7 @@ class RankPool:
             try:
                 self._spawn()
             except RankFailure as exc:
-                # _free_port() releases the port before rank 0 binds it: another
+                # pick_free_port() releases the port before rank 0 binds it: another
                 # process can take it in between.  Retry once on a new port.  (The OS says
                 # "Address already in use"; torch 2.13's TCPStore "EADDRINUSE ... address
                 # already in use".)
@@ -443,7 +403,7 @@ class RankPool:
         # Pickle once, here: an unpicklable argument fails before any rank starts (a
         # rank that got the task while its peer did not would wait in a collective),
         # and every rank gets the same bytes.
-        payload = _dumps((fn, args))
+        payload = encode_task(fn, args)
         with self._lock:
             if self._workers and not all(w.process.is_alive() for w in self._workers):
                 # A worker died between calls (its fn left a thread behind that crashed,
@@ -509,7 +469,7 @@ class RankPool:
         t0 = time.perf_counter()
         if self.start_method == "forkserver":
             _ensure_forkserver(self.preload)
-        port = _free_port()  # a new port every time: the old one may still be in TIME_WAIT
+        port = pick_free_port()  # a new port every time: the old one may still be in TIME_WAIT
         # Workers exit when this pipe reaches EOF, i.e. when this process closes the write
         # end (after stopping them) or dies.  The read end goes to the workers only.
         lifeline_r, lifeline_w = self._ctx.Pipe(duplex=False)
@@ -602,13 +562,10 @@ class RankPool:
                 except Exception as exc:  # the result does not unpickle in the parent
                     tracebacks[w.rank] = "".join(traceback.format_exception(exc))
                     continue
-                if reply[0] == "err":
+                if reply[0] == ERROR:
                     tracebacks[w.rank] = reply[1]
-                    if reply[2] is not None:
-                        try:
-                            exceptions[w.rank] = pickle.loads(reply[2])
-                        except Exception:
-                            pass
+                    if (exception := exception_of(reply)) is not None:
+                        exceptions[w.rank] = exception
                 else:
                     replies[w.rank] = (reply[0], reply[1])
             if tracebacks:
@@ -621,15 +578,15 @@ class RankPool:
         stacks = self._dump_stacks(list(pending.values()))
         if tracebacks:
             first = min(tracebacks)
-            message = f"{_ranks(tracebacks)} raised during {what}"
+            message = f"{rank_list(tracebacks)} raised during {what}"
             if missing:
                 message += (
-                    f" ({_ranks(missing)} did not answer within "
+                    f" ({rank_list(missing)} did not answer within "
                     f"{self.failure_grace_s:g} s after the failure)"
                 )
             message += f"\n--- rank {first} ---\n{tracebacks[first]}"
             raise RankFailure(message, tracebacks, exceptions, stacks)
-        message = f"{_ranks(missing)} did not answer within {limit:g} s during {what}"
+        message = f"{rank_list(missing)} did not answer within {limit:g} s during {what}"
         first = missing[0]
         if stacks.get(first):
             message += f"\n--- rank {first} stack ---\n{stacks[first]}"

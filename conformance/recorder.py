@@ -176,8 +176,46 @@ class SessionRecord:
 
     results: list[dict[str, Any]] = field(default_factory=list)
 
+    def add(self, test: str, outcome: str, status: str, why: str, duration_s: float, record: dict[str, Any],
+            message: str) -> dict[str, Any]:
+        """Keep one finished test's result: pytest's `outcome` (xfailed/xpassed for known failures),
+        the test's `status` and `why`, its process's `record` (`Tally.to_json`)."""
+        result = {
+            "test": test,
+            "outcome": outcome,
+            "status": status,
+            "verdict": verdict_of(outcome, status),
+            "why": why,
+            "duration_s": round(duration_s, 3),
+            "examples": record.get("valid", 0),
+            "record": record,
+            "counterexample": record.get("counterexample"),
+            "first_failure": record.get("first_failure"),
+            "message": message,
+        }
+        self.results.append(result)
+        return result
+
     def refusals(self) -> Counter[str]:
         total: Counter[str] = Counter()
         for result in self.results:
             total.update(result.get("record", {}).get("refusals", {}))
         return total
+
+    def progress_line(self, total: int) -> str:
+        """One line on the latest result and the session so far (certify's progress.log)."""
+        result = self.results[-1]
+        examples = sum(r["examples"] for r in self.results)
+        failures = sum(r["verdict"] == "fail" for r in self.results)
+        name = result["test"].rsplit("::", 1)[-1]
+        return (f"[{len(self.results)}/{total or '?'}] {name}: {result['verdict']}, {result['examples']} valid examples "
+                f"in {result['duration_s']:.1f}s (so far: {examples} examples, {failures} failures)")
+
+    def to_json(self, profile: str, required_examples: int, max_shrinks: int, max_findings: int,
+                known_failures: dict[str, Any] | None) -> dict[str, Any]:
+        """The results file (--results-json), from which certify builds the certificate."""
+        return {
+            "profile": profile, "required_examples": required_examples, "max_shrinks": max_shrinks,
+            "max_findings": max_findings, "refusals": dict(self.refusals()), "known_failures": known_failures,
+            "results": self.results,
+        }

@@ -35,12 +35,16 @@ read, and the bridge under test writes exports wherever it does: on several node
 TMPDIR at a filesystem every node shares. Counterexamples are saved as usual, but
 ``ernie-conformance replay`` reruns one outside torchrun, so a failure that shows only beside
 the world's extra ranks (a one-rank layout that fails only with replicas) may not reproduce there.
+
+How a rank replies to a task (and how ranks are named in messages) is shared with the built-in pool
+in :mod:`conformance.rank_protocol`; hiding GPUs and megatron-core's warning filters are in
+:mod:`conformance.process_setup`, gloo's loopback setting in :mod:`conformance.parallel` and the
+CPU stand-ins for CUDA-only calls in :mod:`conformance.cpu_patches`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import faulthandler
 import os
@@ -48,13 +52,13 @@ import pickle
 import sys
 import threading
 import time
-import traceback
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn, TextIO
 
+from .process_setup import hide_gpus, ignore_megatron_warnings
 from .rank_pool import RankFailure
+from .rank_protocol import ERROR, OK, encode_reply, encode_task, error_reply, exception_of, ok_reply, rank_list
 
 __all__ = ["DEFAULT_TASK_TIMEOUT_S", "HANG_EXIT_CODE", "LaunchOptions", "TorchrunWorld", "choose_backend",
            "failure_message", "follow", "main", "parse_options"]
@@ -73,14 +77,6 @@ _GROUP_TIMEOUT_MARGIN_S = 60.0
 _LINGER_BEFORE_EXIT_S = 3.0
 # Kinds of message rank 0 broadcasts on the control group.
 _TASK, _STOP = "task", "stop"
-# megatron-core warns about itself on import and on every model build (no Apex or Transformer
-# Engine, deprecations): noise on every rank's stderr. Its token dispatcher also calls a torch
-# collective that torch declares deprecated; torch attributes that warning to itself.
-_MEGATRON_WARNINGS = (
-    (UserWarning, "Transformer Engine and Apex are not installed"),
-    (UserWarning, "Apex is not installed"),
-    (FutureWarning, r"`torch\.distributed\.all_gather_into_tensor` is deprecated"),
-)
 
 
 @dataclass(frozen=True)
@@ -127,14 +123,10 @@ def failure_message(tracebacks: dict[int, str]) -> str:
     by_text: dict[str, list[int]] = {}
     for rank in sorted(tracebacks):
         by_text.setdefault(tracebacks[rank], []).append(rank)
-    message = f"{_ranks(sorted(tracebacks))} raised under torchrun"
+    message = f"{rank_list(tracebacks)} raised under torchrun"
     for text, ranks in by_text.items():
-        message += f"\n--- {_ranks(ranks)} ---\n{text.rstrip()}"
+        message += f"\n--- {rank_list(ranks)} ---\n{text.rstrip()}"
     return message
-
-
-def _ranks(ranks: list[int]) -> str:
-    return ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks))
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,32 +179,13 @@ class _HangWatchdog:
         os._exit(HANG_EXIT_CODE)
 
 
-def _error_reply(exc: BaseException) -> tuple[str, str, bytes | None]:
-    """("err", formatted traceback, the pickled exception or None where it does not pickle)."""
-    text = "".join(traceback.format_exception(exc))
-    try:
-        exc_bytes: bytes | None = pickle.dumps(exc)
-    except Exception:  # noqa: BLE001 - the traceback text is enough
-        exc_bytes = None
-    return ("err", text, exc_bytes)
-
-
 def _call(fn: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """("ok", result) or an error reply. Only `Exception`s are caught: a KeyboardInterrupt or
-    SystemExit ends this rank, and torchrun the job."""
+    """An ok reply with the result, or an error reply. Only `Exception`s are caught: a
+    KeyboardInterrupt or SystemExit ends this rank, and torchrun the job."""
     try:
-        return ("ok", fn(*args))
+        return ok_reply(fn(*args))
     except Exception as exc:  # noqa: BLE001 - any error of the task is the task's answer
-        return _error_reply(exc)
-
-
-def _encode_reply(reply: tuple[Any, ...]) -> bytes:
-    """The reply, pickled before any collective: a result that does not pickle becomes this
-    rank's error instead of an exception that would keep this rank out of the gather."""
-    try:
-        return pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:  # noqa: BLE001
-        return pickle.dumps(_error_reply(exc), protocol=pickle.HIGHEST_PROTOCOL)
+        return error_reply(exc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,13 +224,13 @@ class TorchrunWorld:
         if not self.in_step:
             raise RuntimeError("the torchrun world is out of step: a task was interrupted while other ranks ran it")
         limit = self.task_timeout_s if timeout_s is None else timeout_s
-        payload = pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
+        payload = encode_task(fn, args)
         replies: list[Any] = [None] * self.world_size
         self.in_step = False
         with _HangWatchdog(limit, 0, self._diagnostics) as watchdog:
             dist.broadcast_object_list([(_TASK, payload, limit)], src=0, group=self._control)
             mine = _call(fn, args)
-            if mine[0] == "err":
+            if mine[0] == ERROR:
                 watchdog.own_error = mine[1]
             dist.gather_object(b"", replies, dst=0, group=self._control)
         self.in_step = True
@@ -280,14 +253,13 @@ class TorchrunWorld:
                 try:
                     reply = pickle.loads(reply)
                 except Exception as exc:  # noqa: BLE001 - e.g. a class rank 0 cannot import
-                    reply = _error_reply(exc)
-            if reply[0] == "ok":
+                    reply = error_reply(exc)
+            if reply[0] == OK:
                 results.append(reply[1])
                 continue
             tracebacks[rank] = reply[1]
-            if reply[2] is not None:
-                with contextlib.suppress(Exception):
-                    exceptions[rank] = pickle.loads(reply[2])
+            if (exception := exception_of(reply)) is not None:
+                exceptions[rank] = exception
         if tracebacks:
             raise RankFailure(failure_message(tracebacks), tracebacks, exceptions)
         return results
@@ -315,12 +287,14 @@ def follow(control_group: Any, diagnostics: TextIO) -> None:
             except Exception as exc:  # noqa: BLE001 - e.g. a bridge module missing on this node
                 # The ranks that could unpickle it run the task and will wait for this one in
                 # its collectives: a hang, which the watchdog ends, showing this error.
-                reply: tuple[Any, ...] = _error_reply(exc)
+                reply: tuple[Any, ...] = error_reply(exc)
             else:
                 reply = _call(fn, args)
-            if reply[0] == "err":
+            if reply[0] == ERROR:
                 watchdog.own_error = reply[1]
-            dist.gather_object(_encode_reply(reply), None, dst=0, group=control_group)
+            # Pickled before the gather: a result that does not pickle becomes this rank's error
+            # instead of an exception that would keep this rank out of the gather.
+            dist.gather_object(encode_reply(reply), None, dst=0, group=control_group)
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,20 +302,12 @@ def follow(control_group: Any, diagnostics: TextIO) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _quiet_megatron_warnings() -> None:
-    """Ignore megatron-core's warnings about itself in this process (see _MEGATRON_WARNINGS)."""
-    for category in (UserWarning, DeprecationWarning, FutureWarning):
-        warnings.filterwarnings("ignore", category=category, module="megatron")
-    for category, message in _MEGATRON_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category)
-
-
 def _join_world(device: str, task_timeout_s: float, diagnostics: TextIO) -> str:
     """Initialise the default process group from torchrun's environment; returns the backend."""
     import torch
     import torch.distributed as dist
 
-    from .megatron_runtime import _loopback_gloo_env
+    from .parallel import loopback_gloo_env
 
     backend = choose_backend(device, torch.cuda.is_available())
     if device == "cuda" and backend != "nccl" and os.environ.get("RANK") == "0":
@@ -349,7 +315,7 @@ def _join_world(device: str, task_timeout_s: float, diagnostics: TextIO) -> str:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     elif os.environ.get("MASTER_ADDR", "127.0.0.1") in ("127.0.0.1", "localhost", "::1"):
-        _loopback_gloo_env()  # one host: gloo on loopback, as the built-in pool does
+        loopback_gloo_env()  # one host: gloo on loopback, as the built-in pool does
     timeout = datetime.timedelta(seconds=task_timeout_s + _GROUP_TIMEOUT_MARGIN_S)
     dist.init_process_group(backend=backend, init_method="env://", timeout=timeout)
     return backend
@@ -386,17 +352,18 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point on every rank: join the world, then lead (rank 0) or follow (the others)."""
     options = parse_options(sys.argv[1:] if argv is None else argv)
     if options.device == "cpu":
-        # The suite's model code puts models on a GPU whenever it sees one; on CPU they must
-        # stay there (gloo, and the same code paths as the built-in pool). Set before CUDA starts.
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    _quiet_megatron_warnings()
+        # The models stay on the CPU (gloo, and the same code paths as the built-in pool): before
+        # torch starts CUDA, see hide_gpus.
+        hide_gpus()
+    # megatron-core warns about itself on import and on every model build: noise on every rank's stderr.
+    ignore_megatron_warnings()
     # pytest captures file descriptor 2 during tests: the hang watchdog writes to a copy of it.
     diagnostics = os.fdopen(os.dup(2), "w", buffering=1)
     faulthandler.enable(file=diagnostics)  # a rank that crashes shows where
     import torch.distributed as dist
 
     from . import distributed
-    from .megatron_runtime import apply_cpu_patches
+    from .cpu_patches import apply_cpu_patches
 
     backend = _join_world(options.device, options.task_timeout_s, diagnostics)
     control_group = dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT)

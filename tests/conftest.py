@@ -11,8 +11,8 @@ from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))  # bridges defined by the tests themselves
 
-from conformance.megatron_runtime import one_thread_per_process  # noqa: E402
-from conformance.plugin import default_profile  # noqa: E402
+from conformance.cpu_patches import one_thread_per_process  # noqa: E402
+from conformance.profiles import default_profile  # noqa: E402
 
 settings.load_profile(default_profile())
 one_thread_per_process()  # the tests' oracle and transformers models are tiny, as the suite's

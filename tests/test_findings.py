@@ -20,7 +20,7 @@ from conformance.findings import (
     same_defect, signature,
 )
 from conformance.mutants import ThreePlantedDefects, TwoPlantedDefects
-from conformance.plugin import read_known_findings
+from conformance.known_failures import read_known_findings
 from conformance.properties import PropertyFailure
 from ernie_ref import CheckpointFormat, ErnieMoeConfig
 from ernie_ref.layout import Layout

@@ -1,4 +1,4 @@
-"""Meta-tests: the suite kills every mutant of the catalogue (`conformance/mutants.py`) with the
+"""Meta-tests: the suite kills every mutant of the catalogue (`conformance/mutants/`) with the
 property the mutant names, at the ci profile, and passes the reference bridge. The suite runs
 exactly as a user runs it: `pytest --pyargs conformance --bridge ...`, in a fresh process, and each
 kill is checked on its structured result (results JSON and counterexample): the property, and the

@@ -79,13 +79,10 @@ def test_ci_draws_published_structures_and_long_inputs_in_their_share() -> None:
 def test_long_inputs_reach_4096_tokens_on_a_gpu_and_1024_on_a_cpu() -> None:
     """--device cuda raises the longest drawn input from 1024 to 4096 tokens (the ConfigLimits of
     the session, which the certificate records)."""
-    from types import SimpleNamespace
-
-    from conformance.plugin import _config_limits
+    from conformance.session import config_limits
 
     def limits(device: str) -> ConfigLimits:
-        options = {"published_in_ten": None, "device": device}
-        return _config_limits(SimpleNamespace(getoption=lambda name, default=None: options.get(name, default)))
+        return config_limits(published_in_ten=None, device=device)
 
     assert limits("cpu").max_long_seq_len == 1024 and limits("cuda").max_long_seq_len == 4096
     lengths: list[int] = []

@@ -14,7 +14,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -80,7 +80,7 @@ def sleep_on_rank(rank: int, seconds: float) -> int:
 def megatron_ranks(tp: int, pp: int) -> tuple[int, int, int]:
     from megatron.core import parallel_state
 
-    from conformance.megatron_runtime import init_model_parallel
+    from conformance.parallel import init_model_parallel
 
     init_model_parallel(tp=tp, pp=pp, ep=1, vpp=None, seed=0)
     return (
@@ -163,14 +163,20 @@ def test_arguments_and_results_travel_by_pickle(pool: RankPool) -> None:
     assert pool.run(sleep_on_rank, 5, 0.0) == [0, 1]  # no rank 5: nobody sleeps
 
 
-def test_raise_on_one_rank_without_collective(pool: RankPool) -> None:
-    pool.start()
-    old_pids = pool.pids
+def rank1_failure(pool: RankPool, fn: Any, message: str) -> RankFailure:
+    """The RankFailure of `fn(message)`, which raises on rank 1 alone: a traceback of rank 1's only."""
     with pytest.raises(RankFailure) as info:
-        pool.run(raise_on_rank1, "rank one broke")
+        pool.run(fn, message)
     failure = info.value
     assert type(failure) is RankFailure
     assert set(failure.tracebacks) == {1}
+    return failure
+
+
+def test_raise_on_one_rank_without_collective(pool: RankPool) -> None:
+    pool.start()
+    old_pids = pool.pids
+    failure = rank1_failure(pool, raise_on_rank1, "rank one broke")
     assert "ValueError: rank one broke" in failure.tracebacks[1]
     assert "raise_on_rank1" in failure.tracebacks[1]
     assert isinstance(failure.exceptions[1], ValueError)
@@ -183,11 +189,7 @@ def test_raise_on_one_rank_without_collective(pool: RankPool) -> None:
 
 
 def test_raise_on_one_rank_while_other_waits_in_collective(pool: RankPool) -> None:
-    with pytest.raises(RankFailure) as info:
-        pool.run(raise_on_rank1_before_all_reduce, "rank one broke first")
-    failure = info.value
-    assert type(failure) is RankFailure
-    assert set(failure.tracebacks) == {1}
+    failure = rank1_failure(pool, raise_on_rank1_before_all_reduce, "rank one broke first")
     assert "rank one broke first" in failure.tracebacks[1]
     assert "rank 0 did not answer" in str(failure)
     # where rank 0 was stuck, from its stack dump

@@ -86,3 +86,32 @@ def test_vocabulary_parallel_logits_are_gathered(megatron_runtime) -> None:
             run_property("equivalence", VocabParallelOutputBridge(), case)
         finally:
             set_pool(None)
+
+
+class DeallocatingPipelineOutputsBridge(ReferenceBridge):
+    """The reference bridge with Megatron-Core's deallocate_pipeline_outputs on, as mcore-bridge's
+    ModelConfig and Megatron-Bridge's providers set it for training: a pipeline schedule frees each
+    chunk's output once it is sent (its .data becomes a 1-element tensor)."""
+
+    def load(self, hf_dir, layout):
+        chunks = super().load(hf_dir, layout)
+        for chunk in chunks:
+            chunk.config.deallocate_pipeline_outputs = True
+        return chunks
+
+
+def test_the_trace_survives_pipeline_outputs_freed_after_sending(megatron_runtime) -> None:
+    """The suite records each layer's output when the layer gives it, not after the forward: a
+    chunk's last layer output is the tensor the schedule frees, and a freed one is no bridge's
+    defect (the suite once reported it as one: "layer 6 gave hidden states of shape [1]")."""
+    from conformance.rank_pool import RankPool
+
+    with RankPool(2) as pool:
+        set_pool(pool)
+        try:
+            for layout in ("tp1-pp2-ep1-vpp1", "tp1-pp2-ep1-vpp2"):
+                case = Case(biased_config(tie=False, shared=2, layers=4), weights_seed=5, inputs=Inputs(2, 4, 2),
+                            layout=Layout.parse(layout))
+                run_property("equivalence", DeallocatingPipelineOutputsBridge(), case)
+        finally:
+            set_pool(None)

@@ -39,7 +39,7 @@ def _outside_keys_map(cfg, name: str) -> bool:
 @settings(max_examples=15, derandomize=True, database=None, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_te_names_are_megatron_cores_checkpoint_keys(megatron_runtime, data: st.DataObject) -> None:
-    from conformance.megatron_runtime import init_model_parallel
+    from conformance.parallel import init_model_parallel
 
     cfg = data.draw(configs(), label="config")
     init_model_parallel(1, 1, 1, None, seed=0)

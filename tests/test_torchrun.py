@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,10 +19,11 @@ import pytest
 from torchrun_bridges import LoadRaisesOnRank1
 
 from conformance import distributed
-from conformance.plugin import check_layouts_fit_world, parse_layouts
 from conformance.cases import Case, Inputs
 from conformance.properties import prepare_checkpoint
 from conformance.rank_pool import RankFailure, RankPool
+from conformance.rank_protocol import pick_free_port
+from conformance.session import check_layouts_fit_world, parse_layouts
 from conformance.torchrun import HANG_EXIT_CODE, choose_backend, failure_message, parse_options
 from ernie_ref import ErnieMoeConfig
 from ernie_ref.layout import Layout
@@ -34,18 +34,12 @@ HERE = Path(__file__).resolve().parent
 LAUNCH_TIMEOUT_S = 240
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def torchrun_suite(workdir: Path, *args: str, ranks: int = 2) -> subprocess.CompletedProcess[str]:
     """`torchrun -m conformance.torchrun ARGS` in `workdir`, with tests/ importable on every rank."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
                TORCHRUN_PROBE_LOG=str(workdir / "probe.jsonl"))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
-               "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+               "--master-addr", "127.0.0.1", "--master-port", str(pick_free_port()),
                "-m", "conformance.torchrun", *args,
                "-p", "no:cacheprovider", "-W", "ignore", "--counterexamples", str(workdir / "counterexamples")]
     return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S)
@@ -82,14 +76,19 @@ def test_suite_passes_under_torchrun_with_every_layout_on_both_ranks(tmp_path: P
     assert all(task["ranks"] == 2 for task in tasks)
 
 
+def failing_run(tmp_path: Path, bridge: str, layouts: str) -> dict[str, dict[str, Any]]:
+    """round_trip and equivalence of `bridge` on 2 ranks, 3 examples each, first failure as found:
+    the run must fail; its results by test."""
+    run = torchrun_suite(tmp_path, "--bridge", bridge, "--layouts", layouts, "--max-examples", "3", "--no-shrink",
+                         "--no-triggers", "-k", "round_trip or equivalence", "--results-json", str(tmp_path / "results.json"))
+    assert run.returncode != 0, run.stdout[-2000:]
+    return results_by_test(tmp_path / "results.json")
+
+
 def test_bridge_wrong_only_on_several_ranks_fails_round_trip(tmp_path: Path) -> None:
     # Right in one process: only because every example runs on 2 ranks here is it caught, even
     # with a one-rank layout. Equivalence does not export, passes, and runs after the failure.
-    run = torchrun_suite(tmp_path, "--bridge", "torchrun_bridges:CorruptsExportWhenDistributed",
-                         "--layouts", "tp1-pp1-ep1-vpp1", "--max-examples", "3", "--no-shrink", "--no-triggers",
-                         "-k", "round_trip or equivalence", "--results-json", str(tmp_path / "results.json"))
-    assert run.returncode != 0
-    results = results_by_test(tmp_path / "results.json")
+    results = failing_run(tmp_path, "torchrun_bridges:CorruptsExportWhenDistributed", "tp1-pp1-ep1-vpp1")
     assert results["test_round_trip"]["outcome"] == "failed"
     assert "[round_trip] exported checkpoint differs from the original" in results["test_round_trip"]["message"]
     assert "model.norm.weight" in results["test_round_trip"]["message"]
@@ -97,11 +96,7 @@ def test_bridge_wrong_only_on_several_ranks_fails_round_trip(tmp_path: Path) -> 
 
 
 def test_error_on_rank_1_fails_the_example_with_its_traceback_and_the_run_goes_on(tmp_path: Path) -> None:
-    run = torchrun_suite(tmp_path, "--bridge", "torchrun_bridges:LoadRaisesOnRank1",
-                         "--layouts", "tp1-pp1-ep1-vpp1,tp2-pp1-ep1-vpp1", "--max-examples", "3", "--no-shrink", "--no-triggers",
-                         "-k", "round_trip or equivalence", "--results-json", str(tmp_path / "results.json"))
-    assert run.returncode != 0
-    results = results_by_test(tmp_path / "results.json")
+    results = failing_run(tmp_path, "torchrun_bridges:LoadRaisesOnRank1", "tp1-pp1-ep1-vpp1,tp2-pp1-ep1-vpp1")
     for name in ("test_round_trip", "test_equivalence"):  # the second ran after the first failed
         message = results[name]["message"]
         assert results[name]["outcome"] == "failed"
@@ -111,11 +106,7 @@ def test_error_on_rank_1_fails_the_example_with_its_traceback_and_the_run_goes_o
 
 
 def test_error_raised_alike_on_every_rank_is_reported_once_for_all(tmp_path: Path) -> None:
-    run = torchrun_suite(tmp_path, "--bridge", "torchrun_bridges:ExportRaisesOnEveryRank",
-                         "--layouts", "tp1-pp1-ep1-vpp1,tp2-pp1-ep1-vpp1", "--max-examples", "3", "--no-shrink", "--no-triggers",
-                         "-k", "round_trip or equivalence", "--results-json", str(tmp_path / "results.json"))
-    assert run.returncode != 0
-    results = results_by_test(tmp_path / "results.json")
+    results = failing_run(tmp_path, "torchrun_bridges:ExportRaisesOnEveryRank", "tp1-pp1-ep1-vpp1,tp2-pp1-ep1-vpp1")
     message = results["test_round_trip"]["message"]
     assert results["test_round_trip"]["outcome"] == "failed"
     assert ("the bridge raised NotImplementedError in export on ranks 0, 1 on a valid checkpoint: export is not "

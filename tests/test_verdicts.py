@@ -63,7 +63,8 @@ def test_refusal_first_loads_the_intact_checkpoint(megatron_runtime) -> None:
         run_property("refusal", LoadAlwaysRaises(), case)
     failure = failed.value
     assert failure.kind == "bridge raised" and failure.facts == {"call": "load", "exception": "ModuleNotFoundError"}, failure
-    assert "mutants.py" in failure.evidence["traceback"] and "in load" in failure.evidence["traceback"], failure.evidence
+    traceback = failure.evidence["traceback"]
+    assert "mutants/refusal.py" in traceback and "in load" in traceback, failure.evidence
     assert "the bridge's traceback" in str(failure), str(failure)
     assert run_property("refusal", ReferenceBridge(), case) == {"named": True}
 
@@ -159,7 +160,7 @@ def test_a_bridge_whose_load_always_raises_fails_every_property(tmp_path: Path) 
         failure = entry["failure"]
         assert entry["verdict"] == "fail" and failure["kind"] == "bridge raised", (prop, entry)
         assert failure["facts"] == {"call": "load", "exception": "ModuleNotFoundError"}, (prop, failure["facts"])
-        assert 'File "conformance/mutants.py"' in failure["traceback"], failure["traceback"]
+        assert 'File "conformance/mutants/refusal.py"' in failure["traceback"], failure["traceback"]
         assert entry["shrink_calls"] <= c["profile"]["max_shrinks"], entry
         assert (tmp_path / "cert" / failure["counterexample"]["file"]).is_file(), failure["counterexample"]
 

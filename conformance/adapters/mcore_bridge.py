@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from ernie_ref.layout import Layout
 
-from ..megatron_runtime import CudaDevicesOnCpu
+from ..cpu_patches import CudaDevicesOnCpu
 from .package import PackageAdapter
 from .te_placeholder import HAVE_TE, show_placeholders_to
 
@@ -58,11 +58,12 @@ DEVIATIONS_WITHOUT_TE = (
     "not registered, so the model's state dict and parameters are unchanged.",
 )
 DEVIATIONS_ALWAYS = (
-    "undeclared dependencies: mcore_bridge imports datasets (utils/torch_utils.py) and triton "
-    "(model/modules/kernels) at import but does not declare them; they are installed beside it.",
-    "CPU runtime: megatron-core runs on CPU (fp32, gloo) through conformance.megatron_runtime.apply_cpu_patches(), "
+    "undeclared dependencies: mcore_bridge imports datasets (utils/torch_utils.py) and, in the releases that "
+    "have model/modules/kernels (1.6.5; not 1.5.2), triton at import, but declares neither; both are installed "
+    "beside it (tox.ini).",
+    "CPU runtime: megatron-core runs on CPU (fp32, gloo) through conformance.cpu_patches.apply_cpu_patches(), "
     "as for every bridge; ModelConfig gets use_cpu_initialization=True, and the export (save_weights) runs under "
-    "conformance.megatron_runtime.CudaDevicesOnCpu, which turns the CUDA device it names for its buffers "
+    "conformance.cpu_patches.CudaDevicesOnCpu, which turns the CUDA device it names for its buffers "
     "(device='cuda', .to('cuda')) into the CPU.",
     "EP-PP group: bridge/gpt_bridge.py caches the expert-and-pipeline process group in module globals "
     "(EP_PP_GROUP, EP_PP_RANK, EP_PP_SIZE) on first use, for the life of the process. The suite's rank processes "
@@ -75,7 +76,7 @@ def _is_mcore_bridge_module(name: str) -> bool:
     return name == "mcore_bridge" or name.startswith("mcore_bridge.")
 
 
-def _import_mcore_bridge() -> types.ModuleType:
+def import_mcore_bridge() -> types.ModuleType:
     """The `mcore_bridge` package, imported with the placeholders in place where TE is absent, and
     (without TE) its model loader building megatron-core's local layer spec."""
     show_placeholders_to(_is_mcore_bridge_module, megatron_te_classes=True)
@@ -131,7 +132,7 @@ class McoreBridgeAdapter(PackageAdapter):
     worker_imports = ("conformance.adapters.mcore_bridge_preload",)
 
     def load(self, hf_dir: Path, layout: Layout) -> list[torch.nn.Module]:
-        mcore_bridge = _import_mcore_bridge()
+        mcore_bridge = import_mcore_bridge()
         from transformers import AutoConfig
 
         _forget_ep_pp_group()

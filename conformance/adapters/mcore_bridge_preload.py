@@ -6,9 +6,9 @@ The CPU patches come first, as in a rank process and in the suite's own process,
 imports mcore_bridge only after them: a module that binds a patched name at import binds the patch.
 """
 
-from conformance.megatron_runtime import apply_cpu_patches
+from conformance.cpu_patches import apply_cpu_patches
 
-from .mcore_bridge import _import_mcore_bridge
+from .mcore_bridge import import_mcore_bridge
 
 apply_cpu_patches()
-_import_mcore_bridge()
+import_mcore_bridge()

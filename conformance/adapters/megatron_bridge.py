@@ -40,7 +40,7 @@ DEVIATIONS_WITHOUT_TE = (
     "False (the unfused permutation computes the same).",
 )
 DEVIATIONS_ALWAYS = (
-    "CPU runtime: megatron-core runs on CPU (fp32, gloo) through conformance.megatron_runtime.apply_cpu_patches(), "
+    "CPU runtime: megatron-core runs on CPU (fp32, gloo) through conformance.cpu_patches.apply_cpu_patches(), "
     "as for every bridge; the model is built with provide_distributed_model(use_cpu_initialization=True, "
     "wrap_with_ddp=False) inside the suite's parallel state.",
     "save_hf_pretrained: the tokenizer artifact is set to None, since the suite's checkpoints have no tokenizer "

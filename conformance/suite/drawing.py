@@ -21,8 +21,8 @@ from ..counterexample import Counterexample, replay_command
 from ..findings import UNJUDGED, Finding, MoveContext, Variant, isolate_trigger, same_defect, signature
 from ..numerics import tolerance
 from ..properties import PropertyFailure, SetAside, run_property
+from ..profiles import suite_settings
 from ..recorder import RECORDER
-from ..plugin import suite_settings
 from ..session import SuiteSession
 from ..strategies import ConfigLimits, checkpoint_formats, configs, corruptions, inputs, seeds
 

@@ -8,6 +8,10 @@ ERNIE routing, per token, in fp32:
     p       = softmax(h W^T)                           # [T, E]
     chosen  = top-k of (p + expert_bias)               # the bias picks experts ...
     weights = p[chosen] / clamp(sum p[chosen], min=norm_min)   # ... but never weights them
+
+The two steps that differ between routers, choosing the experts (`select`) and weighing them
+(`weigh`), are methods of their own, so that a variant (a broken one, say) overrides one step and
+keeps the rest of ERNIE routing as it is.
 """
 
 from __future__ import annotations
@@ -35,13 +39,25 @@ class ErnieRouter(TopKRouter):
             self.register_buffer("expert_bias", torch.zeros(config.num_moe_experts, dtype=torch.float32,
                                                              device=self.weight.device))
 
+    def select(self, probs: torch.Tensor) -> torch.Tensor:
+        """probs [T, E] fp32 -> the chosen experts [T, K]: the top k of probs + expert_bias."""
+        _, chosen = torch.topk(probs + self.expert_bias.float(), k=self.topk, dim=-1)  # [T, K]
+        return chosen
+
+    def weigh(self, logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """logits [T, E] fp32, probs [T, E] fp32, chosen [T, K] -> the chosen experts' weights [T, K]:
+        their probabilities renormalised, the expert bias left out. (ERNIE's weights need no logits;
+        a variant's may, Mixtral's softmax over the chosen logits for one.)"""
+        chosen_probs = probs.gather(-1, chosen)  # [T, K]
+        return chosen_probs / chosen_probs.sum(-1, keepdim=True).clamp(min=self.norm_min)  # [T, K]
+
     def routing(self, logits: torch.Tensor, padding_mask: torch.Tensor | None = None, **kwargs):
         """logits [T, E] -> (probs [T, E], zero outside the chosen experts; routing_map [T, E] bool)."""
         logits = logits.reshape(-1, self.config.num_moe_experts)
-        probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
-        _, chosen = torch.topk(probs + self.expert_bias.float(), k=self.topk, dim=-1)  # [T, K]
-        chosen_probs = probs.gather(-1, chosen)  # [T, K]
-        weights = chosen_probs / chosen_probs.sum(-1, keepdim=True).clamp(min=self.norm_min)
+        fp32_logits = logits.float()  # [T, E]
+        probs = torch.softmax(fp32_logits, dim=-1)  # [T, E]
+        chosen = self.select(probs)  # [T, K]
+        weights = self.weigh(fp32_logits, probs, chosen)  # [T, K]
         dense = torch.zeros_like(probs).scatter(-1, chosen, weights)  # [T, E]
         routing_map = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, chosen, True)
         return dense.to(logits.dtype), routing_map
