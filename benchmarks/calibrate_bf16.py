@@ -21,25 +21,23 @@ suite's narrowed widths and inputs: bf16 rounding accumulates over its 28 or 54 
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import tempfile
 from pathlib import Path
 
-import torch
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from conformance.bridge import resolve_bridge
 from conformance.distributed import run_on_ranks
 from conformance.megatron_trace import merge_traces
 from conformance.numerics import tolerance
-from conformance.parallel import start_megatron_process
 from conformance.cases import Case
 from conformance.properties import chosen_experts, oracle_trace, prepare_checkpoint, stage_errors, stage_kind
 from conformance.strategies import ConfigLimits, configs, inputs, published_configs, seeds
 from ernie_ref.published import PUBLISHED_STRUCTURES
+
+from calibration import calibration_parser, start_calibration  # benchmarks/calibration.py
 
 STAGE_KINDS = ("embedding", "attention", "router weights", "experts", "mlp", "final norm", "output logits")
 
@@ -120,10 +118,7 @@ def report(dtype: str, results: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--examples", type=int, default=200)
-    parser.add_argument("--bridge", default="reference")
-    parser.add_argument("--seed", type=int, default=0, help="Hypothesis seed of the draws")
+    parser = calibration_parser(__doc__, examples=200)
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--min-hidden", type=int, default=None,
                         help="smallest hidden_size drawn (default: the suite's, numerics.Tolerance.min_hidden_size, "
@@ -131,9 +126,7 @@ def main() -> None:
     parser.add_argument("--structure", default=None, choices=sorted(PUBLISHED_STRUCTURES),
                         help="draw this published structure alone (narrowed widths)")
     args = parser.parse_args()
-    start_megatron_process()
-    torch.manual_seed(0)
-    bridge = resolve_bridge(args.bridge)
+    bridge = start_calibration(args.bridge)
     print(f"bridge {bridge.name} {bridge.version()}; {args.examples} drawn examples per dtype, one rank")
     for dtype in args.dtypes.split(","):
         tol = tolerance(dtype)

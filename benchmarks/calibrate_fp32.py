@@ -19,25 +19,23 @@ examples and for the published structures alone; and the examples with the large
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
-import torch
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from conformance.bridge import resolve_bridge
 from conformance.cases import Case
 from conformance.distributed import run_on_ranks, set_pool
 from conformance.megatron_trace import merge_traces
 from conformance.numerics import FP32_RTOL, ROUTING_MARGIN, NearTieFollower
-from conformance.parallel import start_megatron_process
 from conformance.properties import chosen_experts, conditioning_error, prepare_checkpoint, stage_errors, worst_stage_error
 from conformance.rank_pool import RankPool
 from conformance.strategies import ConfigLimits, all_layouts, configs, inputs, seeds
 from ernie_ref import ErnieMoeForCausalLM
 from ernie_ref.published import structure_of
+
+from calibration import calibration_parser, start_calibration  # benchmarks/calibration.py
 
 
 def measure(bridge, case: Case) -> dict:
@@ -111,15 +109,10 @@ def report(results: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--examples", type=int, default=300)
-    parser.add_argument("--bridge", default="reference")
-    parser.add_argument("--seed", type=int, default=0, help="Hypothesis seed of the draws")
+    parser = calibration_parser(__doc__, examples=300)
     parser.add_argument("--max-world", type=int, default=4, help="largest layout drawn, in ranks")
     args = parser.parse_args()
-    start_megatron_process()
-    torch.manual_seed(0)
-    bridge = resolve_bridge(args.bridge)
+    bridge = start_calibration(args.bridge)
     print(f"bridge {bridge.name} {bridge.version()}; {args.examples} drawn fp32 examples, layouts up to "
           f"{args.max_world} ranks, draw seed {args.seed}")
     with RankPool(args.max_world) as pool:
