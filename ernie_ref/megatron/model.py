@@ -160,15 +160,19 @@ def _ernie_moe(mlp_spec, router, use_bias: bool):
     return dataclasses.replace(mlp_spec, submodules=subs)
 
 
+def _require_transformer_engine(transformer_engine: bool) -> None:
+    if transformer_engine and not transformer_engine_available():
+        raise RuntimeError("the Transformer Engine layer spec needs transformer_engine and a CUDA GPU; "
+                           "use the local spec (transformer_engine=False) here")
+
+
 def decoder_block_spec(
     cfg: ErnieMoeConfig, tconfig: TransformerConfig, vp_stage: int | None = None, router_class: type = ErnieRouter,
     transformer_engine: bool = False,
 ):
     """The local or Transformer Engine spec, one layer spec per layer so that dense and MoE mix.
     Routed experts are one MLP each (no grouped GEMM), so that their names are the same in both."""
-    if transformer_engine and not transformer_engine_available():
-        raise RuntimeError("the Transformer Engine layer spec needs transformer_engine and a CUDA GPU; "
-                           "use the local spec (transformer_engine=False) here")
+    _require_transformer_engine(transformer_engine)
     block = get_gpt_decoder_block_spec(tconfig, use_transformer_engine=transformer_engine, normalization="RMSNorm",
                                        vp_stage=vp_stage)
     router = functools.partial(router_class, norm_min=cfg.moe_norm_min)
@@ -185,6 +189,8 @@ def build_chunks(
     transformer_engine: bool = False,
 ) -> list[GPTModel]:
     """This rank's model chunks (one per virtual pipeline stage), inside an initialised parallel state."""
+    # Refused before the parallel state is asked anything, so that the refusal does not depend on it.
+    _require_transformer_engine(transformer_engine)
     chunks = []
     for vp_stage in range(layout.vpp):
         vp = vp_stage if layout.vpp > 1 else None
