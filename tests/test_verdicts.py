@@ -85,6 +85,9 @@ def test_an_error_of_the_suite_is_not_a_verdict_on_the_bridge(pytester: pytest.P
         assert "not a verdict on the bridge" in r["why"] and r["counterexample"] is None, r
     assert "break_the_oracle" in run.stdout.str(), "pytest shows the suite's traceback"
     assert not (pytester.path / "ce").exists(), "no counterexample blames the bridge"
+    # Reported as it came: not shrunk (which would run examples past the shrinking budget).
+    calls = (pytester.path / "oracle_calls.txt").read_text().count("called")
+    assert calls == 2, f"the broken oracle ran {calls} times for 2 tests: an error of the suite was shrunk"
 
 
 def test_routing_outside_ties_must_match_exactly_in_every_dtype() -> None:
@@ -150,10 +153,10 @@ def test_reference_refusal_errors_name_the_corrupted_tensor_or_field(megatron_ru
 @pytest.mark.whole_runs
 def test_a_bridge_whose_load_always_raises_fails_every_property(tmp_path: Path) -> None:
     """What certify says of it: five failures, each the bridge's own error with its traceback, and a
-    counterexample shrunk within the bound on shrinking (so this takes seconds per property)."""
+    counterexample shrunk within the bound on shrinking (so this takes seconds per property). One
+    rank: a failing example of any layout is shrunk towards one rank anyway."""
     run = cli("certify", "--bridge", "conformance.mutants:LoadAlwaysRaises", "--out", "cert", "--max-examples", "10",
-              "--published-in-ten", "0",
-              "--jobs", "1", cwd=tmp_path)
+              "--published-in-ten", "0", "--layouts", ONE_RANK, "--jobs", "1", cwd=tmp_path)
     assert run.returncode == 1, run.stdout + run.stderr
     c = json.loads((tmp_path / "cert" / "certificate.json").read_text())
     for prop, entry in c["properties"].items():

@@ -119,6 +119,10 @@ class _Search:
         self.this_round: set[str] = set()
         self.round_failing = False
         self.round_shrinks = 0
+        # (repr(case), error, its traceback): the first error of the suite itself (neither a verdict nor set aside).
+        # It is reported as it came, unshrunk: shrinking it says nothing about the bridge, and
+        # Hypothesis would run examples for it without the shrinking budget.
+        self.suite_error: tuple[str, Exception, Any] | None = None
 
     def known(self, failure: PropertyFailure) -> Finding | None:
         return next((f for f in self.findings if f.covers(failure)), None)
@@ -147,12 +151,21 @@ class _Search:
     def check(self, case: Case) -> None:
         """Hypothesis' test function of a round: a failure that is not a finding yet fails it."""
         key = repr(case)
+        if self.suite_error is not None:
+            if key == self.suite_error[0]:
+                # Hypothesis' replay of the failing example, for its report: the error as first raised
+                raise self.suite_error[1].with_traceback(self.suite_error[2])
+            reject()
         if key not in self.outcomes and self.round_failing and self.round_shrinks >= self.suite.max_shrinks:
             reject()  # past the shrinking budget: Hypothesis ends with the smallest failure so far
         if key not in self.outcomes and self.round_failing:
             self.round_shrinks += 1
         cached = key in self.outcomes
-        outcome = self.outcome(case, shrinking=self.round_failing)
+        try:
+            outcome = self.outcome(case, shrinking=self.round_failing)
+        except Exception as error:  # noqa: BLE001 - any error but a verdict is the suite's
+            self.suite_error = (key, error, error.__traceback__)
+            raise
         if cached and not self.round_failing and key not in self.earlier:
             # Drawn again in this round (or run first to isolate a trigger): Hypothesis counts the
             # example, and so does the verdict; a case of an earlier round is not counted twice.
