@@ -12,7 +12,11 @@ a defect of the pattern reads as one trigger however the gap is made (`_pattern_
 What "cures" means, exactly (`cure`): the moved example passes, or it fails later than the
 original did (a divergence at a later stage, a crash in export instead of load). A moved example
 that fails earlier or otherwise says nothing: that failure may hide this one (a crash on another
-field's value, say), so the coordinate is not judged, and not kept.
+field's value, say), so the coordinate is not judged, and not kept. A cure must also hold under
+other weights and inputs (`REDRAWS`): a move of a config field draws other weights, and a defect
+that shows only for some weights (an expert bias ignored changes a token's choice only where the
+bias outweighs the scores' gap) would otherwise be "cured" by whichever field was moved, and one
+defect would read as many triggers.
 
 A finding's **signature** is its kind of failure with what distinguishes one defect from another
 of that kind: the exception and the call that raised it, or the first diverging stage. Its id is
@@ -39,7 +43,7 @@ from .properties import PropertyFailure
 from .strategies import contradicting_changes, misshaped, plausible_extra_tensors
 
 __all__ = ["Condition", "Trigger", "Finding", "signature", "cure", "isolate_trigger", "tensor_part", "MoveContext",
-           "merge_findings", "finding_id", "same_defect", "Variant",
+           "merge_findings", "finding_id", "same_defect", "Variant", "redraws", "REDRAWS",
            "UNJUDGED"]
 
 # What running a moved example can give besides a PropertyFailure or the observed dict of a pass.
@@ -439,6 +443,33 @@ def _end_index_words(op: str, value: Any) -> str:
     return "moe_layer_end_index < num_hidden_layers - 1" if before else "moe_layer_end_index = num_hidden_layers - 1"
 
 
+# moe_k reads relative to the number of experts where it equals it: every expert chosen is where
+# no routing defect (an expert bias dropped, scores mis-ranked) can change which experts a token
+# gets, so a routing divergence reads "moe_k < moe_num_experts" on every config, not "moe_k != 4"
+# on the configs of 4 experts.
+EVERY_EXPERT = "moe_num_experts"
+
+
+def _moe_k_value(case: Case) -> Any:
+    if case.checkpoint is not None:
+        return None
+    return EVERY_EXPERT if case.config.moe_k == case.config.moe_num_experts else case.config.moe_k
+
+
+def _moe_k_moves(case: Case, ctx: MoveContext) -> Iterator[tuple[Any, Case]]:
+    cfg = case.config
+    for k in dict.fromkeys((cfg.moe_k + 1, cfg.moe_k - 1, cfg.moe_num_experts)):  # and to every expert
+        if k != cfg.moe_k:
+            for moved in _config_moves(case, [{"moe_k": k}]):
+                yield _moe_k_value(moved), moved
+
+
+def _moe_k_words(op: str, value: Any) -> str:
+    if value == EVERY_EXPERT and op in ("=", "!="):
+        return f"moe_k {'=' if op == '=' else '<'} moe_num_experts"
+    return f"moe_k {op} {_show(value)}"
+
+
 def _greater_words(name: str, reference: int) -> Callable[[str, Any], str]:
     def words(op: str, value: Any) -> str:
         if op == "!=" and value == reference:
@@ -576,7 +607,7 @@ def _coordinates() -> dict[str, Coordinate]:
         _field("intermediate_size", plus(tp)),
         _field("vocab_size", plus(tp)),
         _field("moe_num_experts", plus(ep)),
-        _field("moe_k", lambda case, v: [v + 1, v - 1]),
+        Coordinate("moe_k", _moe_k_value, _moe_k_moves, _moe_k_words),
         _field("moe_intermediate_size", plus(tp)),
         _field("moe_num_shared_experts", lambda case, v: [0, 1, 2]),
         _field("tie_word_embeddings", lambda case, v: [not v]),
@@ -627,6 +658,23 @@ def decide(coordinate: Coordinate, case: Case, judged: list[tuple[Any, bool]]) -
     return Condition(coordinate.name, "not in", sorted(cured, key=str))
 
 
+# Other weights and inputs under which a moved example's cure must hold too (see the module's
+# docstring). A defect that shows in a fraction q of draws survives as a chance cure with
+# probability (1 - q) ** (REDRAWS + 1) per curing move: 1 in 32 at q = 1/2, 1 in 243 at q = 2/3.
+REDRAWS = 4
+
+
+def redraws(case: Case) -> list[Case]:
+    """`case` with other weights (a drawn checkpoint's seed; a user's checkpoint keeps its own)
+    and other inputs of the same shape, REDRAWS of them, the same every time."""
+    def seed(base: int | None, i: int) -> int | None:
+        return None if base is None else (base + i) % 2**31
+
+    return [replace(case, weights_seed=seed(case.weights_seed, i),
+                    inputs=replace(case.inputs, seed=seed(case.inputs.seed, i)))
+            for i in range(1, REDRAWS + 1)]
+
+
 def isolate_trigger(failure: PropertyFailure, ctx: MoveContext,
                     run: Callable[[Case], PropertyFailure | str]) -> tuple[Trigger, int]:
     """The trigger of `failure` (see the module's docstring) and how many moved examples ran.
@@ -642,7 +690,14 @@ def isolate_trigger(failure: PropertyFailure, ctx: MoveContext,
     def judge(moved: Case) -> bool | None:
         nonlocal runs
         runs += 1
-        return cure(failure, moved, run(moved))
+        verdict = cure(failure, moved, run(moved))
+        if not verdict:
+            return verdict
+        for other in redraws(moved):  # cured by the move, or by the weights it drew?
+            runs += 1
+            if cure(failure, other, run(other)) is False:
+                return False
+        return True
 
     for coordinate in COORDINATES.values():
         if coordinate.value(case) is None:

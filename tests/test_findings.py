@@ -16,8 +16,8 @@ import torch
 from conformance.cases import Case, Corruption, Inputs
 from conformance.compare import compare, load_certificate, render_markdown, render_text
 from conformance.findings import (
-    UNJUDGED, Condition, Finding, MoveContext, Trigger, cure, finding_id, isolate_trigger, merge_findings,
-    same_defect, signature,
+    REDRAWS, UNJUDGED, Condition, Finding, MoveContext, Trigger, cure, finding_id, isolate_trigger, merge_findings,
+    redraws, same_defect, signature,
 )
 from conformance.mutants import ThreePlantedDefects, TwoPlantedDefects
 from conformance.known_failures import read_known_findings
@@ -94,6 +94,12 @@ def gapped(case: Case) -> bool:
     ({"num_hidden_layers": 3, "moe_layer_end_index": 1}, ONE_RANK, "float32",
      lambda c: c.config.moe_layer_end_index < c.config.num_hidden_layers - 1,
      "moe_layer_end_index < num_hidden_layers - 1"),
+    ({"moe_k": 1}, ONE_RANK, "float32", lambda c: c.config.moe_k == 1, "moe_k = 1"),
+    # A routing defect that every expert chosen hides (an expert bias dropped), whether moe_k is
+    # next to the number of experts or not.
+    ({}, ONE_RANK, "float32", lambda c: c.config.moe_k < c.config.moe_num_experts, "moe_k < moe_num_experts"),
+    ({"moe_k": 3}, ONE_RANK, "float32", lambda c: c.config.moe_k < c.config.moe_num_experts,
+     "moe_k < moe_num_experts"),
     ({}, TP2, "float32", lambda c: c.layout.tp > 1, "tp > 1"),
     ({}, ONE_RANK, "bfloat16", lambda c: c.dtype == "bfloat16", "bf16 checkpoint"),
     ({"num_hidden_layers": 4, "moe_layer_end_index": 3, "moe_layer_interval": 2}, ONE_RANK, "float32",
@@ -151,6 +157,30 @@ def test_a_moved_example_that_fails_earlier_judges_nothing() -> None:
     trigger = trigger_of(small_case(rope_theta=10000.0), lambda c: c.config.rope_theta != 500000.0, divergence,
                          earlier=lambda c: c.config.moe_num_shared_experts == 0)
     assert trigger.words() == "rope_theta != 500000", trigger
+
+
+def test_a_cure_that_other_weights_undo_is_no_cure() -> None:
+    """A defect that shows only for some weights (a dropped expert bias changes a token's choice only
+    where the bias outweighs the scores' gap): here moving hidden_size to 34 happens to draw weights
+    on which it does not show, while under other weights, at the same hidden_size, it shows again.
+    The field is not in the trigger; the planted condition is."""
+    def shows(case: Case) -> bool:
+        lucky = case.config.hidden_size == 34 and case.weights_seed == 0 and case.inputs.seed == 0
+        return case.config.moe_num_shared_experts == 0 and not lucky
+
+    def router(case: Case) -> PropertyFailure:
+        return divergence(case, "layer 0 router choice", "router choice")
+
+    run = planted(shows, router)
+    trigger, runs = isolate_trigger(router(small_case(moe_num_shared_experts=0)), CONTEXT, run)
+    assert trigger.words("router choice") == "moe_num_shared_experts = 0", (
+        f"isolated {trigger.words('router choice')!r} ({trigger}); the move of hidden_size to 34 cures only under "
+        f"weights seed 0, and {[c.describe() for c in redraws(run.runs[0])][:1]} is one of the redraws that undo it")
+    lucky = [(c.weights_seed, c.inputs.seed) for c in run.runs if c.config.hidden_size == 34]
+    assert lucky == [(0, 0), (1, 1)], f"the lucky move, then its first redraw (which shows the defect again): {lucky}"
+    cured = [(c.weights_seed, c.inputs.seed) for c in run.runs if c.config.moe_num_shared_experts == 1]
+    assert cured == [(i, i) for i in range(REDRAWS + 1)], f"a move that cures, then each redraw (all cured): {cured}"
+    assert runs == len(run.runs), (runs, len(run.runs))
 
 
 def test_a_corruption_trigger_reads_as_the_kind_and_part_of_the_tensor() -> None:
