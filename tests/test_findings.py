@@ -173,11 +173,11 @@ def test_a_cure_that_other_weights_undo_is_no_cure() -> None:
 
     run = planted(shows, router)
     trigger, runs = isolate_trigger(router(small_case(moe_num_shared_experts=0)), CONTEXT, run)
-    moved = next(c for c in run.runs if c.config.hidden_size == 34)
+    moves_to_34 = [c for c in run.runs if c.config.hidden_size == 34]  # the lucky move, then its redraws
     assert trigger.words("router choice") == "moe_num_shared_experts = 0", (
         f"isolated {trigger.words('router choice')!r} ({trigger}); the move of hidden_size to 34 cures only under "
-        f"weights seed 0, and its first redraw {[c.describe() for c in redraws(moved)[:1]]} shows the defect again")
-    lucky = [(c.weights_seed, c.inputs.seed) for c in run.runs if c.config.hidden_size == 34]
+        f"weights seed 0, and its first redraw {[c.describe() for c in redraws(moves_to_34[0])[:1]]} shows the defect again")
+    lucky = [(c.weights_seed, c.inputs.seed) for c in moves_to_34]
     assert lucky == [(0, 0), (1, 1)], f"the lucky move, then its first redraw (which shows the defect again): {lucky}"
     cured = [(c.weights_seed, c.inputs.seed) for c in run.runs if c.config.moe_num_shared_experts == 1]
     assert cured == [(i, i) for i in range(REDRAWS + 1)], f"a move that cures, then each redraw (all cured): {cured}"
