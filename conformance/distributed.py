@@ -27,11 +27,13 @@ from .bridge import BridgeError, bridge_call
 
 __all__ = [
     "bridge_failure",
+    "HUNG_EXCEPTION",
     "INIT_SEEDS",
     "PeerLoadFailed",
     "launcher_world",
     "named_state",
     "rank_task",
+    "refusal_errors",
     "run_on_ranks",
     "set_control_group",
     "set_pool",
@@ -110,8 +112,8 @@ def rank_task(action: str, bridge: Any, case: Any, hf_dir: Path, out_dir: Path |
     """On this rank: set up the layout, load, then `action`:
     "load" -> None; "state" -> this rank's named tensors; "checkpoint_values" -> how this rank's
     tensors differ from the checkpoint's values (`loaded_values.compare_with_checkpoint`);
-    "export" -> export into out_dir; "trace" -> the forward record; "refuse" -> the error load
-    raised, or None if it accepted the checkpoint.
+    "export" -> export into out_dir; "trace" -> the forward record; "refuse" -> None if load
+    accepted the checkpoint; its error, raised at once, if it refused.
 
     The bridge's own calls (load, export, its model's forward) raise `BridgeError`; anything else
     raised here is an error of the suite."""
@@ -125,11 +127,14 @@ def rank_task(action: str, bridge: Any, case: Any, hf_dir: Path, out_dir: Path |
     try:
         chunks = bridge_call("load", bridge.load, hf_dir, layout)
     except BridgeError as e:
-        if action == "refuse":  # any exception is the expected answer
-            return f"{e.exception}: {e.message}"
+        if action == "refuse":
+            # Raised, not returned: under torchrun a rank's exception ends the job, and peers the
+            # bridge left waiting for this rank (in its own collectives) would wait forever. The
+            # pool then gives them its short failure grace, not its timeout.
+            raise
         load_error = e
     if action == "refuse":
-        return None  # no collective follows: each rank's answer stands on its own
+        return None  # accepted; no collective follows
     failed_ranks = _ranks_whose_load_failed(load_error is not None)
     if load_error is not None:
         raise load_error
@@ -177,6 +182,17 @@ def run_on_ranks(action: str, bridge: Any, case: Any, hf_dir: Path, out_dir: Pat
         raise blamed from failure
 
 
+# The `exception` of the BridgeError that stands for ranks hung inside the bridge (`bridge_failure`).
+HUNG_EXCEPTION = "RankTimeout"
+
+
+def refusal_errors(refusal: BridgeError) -> list[str]:
+    """"Exception: message" of every rank whose call raised `refusal` (`run_on_ranks` raises the
+    first rank's, from the pool's failure that holds them all)."""
+    raised = getattr(refusal.__cause__, "exceptions", None) or {0: refusal}
+    return [f"{e.exception}: {e.message}" for e in raised.values()]
+
+
 def bridge_failure(failure: Any) -> BridgeError | None:
     """The `BridgeError` that a pool failure amounts to, or None when it is not the bridge's.
 
@@ -195,5 +211,5 @@ def bridge_failure(failure: Any) -> BridgeError | None:
     if not missing or not all("bridge_call" in stack for stack in stacks.values()):
         return None
     first = min(missing)
-    return BridgeError("load, export or forward (hung)", "RankTimeout", str(failure).splitlines()[0],
+    return BridgeError("load, export or forward (hung)", HUNG_EXCEPTION, str(failure).splitlines()[0],
                        stacks[first], tuple(missing))

@@ -24,7 +24,7 @@ from ernie_ref.checkpoint import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, TensorRe
 
 from .bridge import Bridge, BridgeError, on_ranks
 from .cases import Case, Corruption
-from .distributed import INIT_SEEDS, run_on_ranks
+from .distributed import HUNG_EXCEPTION, INIT_SEEDS, refusal_errors, run_on_ranks
 from .hf_transformers import load_transformers_model, run_transformers
 from .megatron_trace import merge_traces
 from .numerics import FP32_RTOL, NearTieFollower, Tolerance, relative_error, tolerance
@@ -572,13 +572,24 @@ def check_refusal(bridge: Bridge, case: Case, hf_dir: Path, corruption: Corrupti
     silently is a failure. (Loading the intact checkpoint first keeps a bridge that cannot load
     anything from passing: its every error would otherwise count as a refusal.)
 
-    Returns {"named": whether every rank's error names the corrupted tensor or field}."""
+    On several ranks the corrupt checkpoint is refused when some rank's load raises: under
+    torchrun that exception ends the job, whatever the other ranks did (ranks that hold none of
+    the corrupted part may load, or wait in the bridge's collectives for the refusing ones). A
+    load that hangs on every rank it has not finished on, with no rank refusing, is a failure.
+
+    Returns {"named": whether every refusing rank's error names the corrupted tensor or field}."""
     run_on_ranks("load", bridge, case, hf_dir)  # raises BridgeError: the bridge fails a valid checkpoint
     corrupt_checkpoint(hf_dir, corruption)
-    answers = run_on_ranks("refuse", bridge, case, hf_dir)
-    accepted = [rank for rank, error in enumerate(answers) if error is None]
-    if accepted:
-        where = "" if len(answers) == 1 else on_ranks(accepted)
-        raise PropertyFailure("refusal", case, f"load accepted a corrupt checkpoint without error{where}: {corruption}",
-                              kind="accepted corruption", facts={"corruption": corruption.kind, "target": corruption.target})
-    return {"named": all(corruption.target in error for error in answers)}
+    try:
+        answers = run_on_ranks("refuse", bridge, case, hf_dir)
+    except BridgeError as refusal:
+        if refusal.exception == HUNG_EXCEPTION:
+            raise PropertyFailure(
+                "refusal", case, f"load hung{on_ranks(refusal.ranks)} on a corrupt checkpoint, no rank refusing it: "
+                                 f"{corruption}",
+                kind="bridge raised", facts={"call": refusal.call, "exception": refusal.exception},
+                evidence={"traceback": refusal.traceback_text}) from refusal
+        return {"named": all(corruption.target in error for error in refusal_errors(refusal))}
+    where = "" if len(answers) == 1 else " on every rank"
+    raise PropertyFailure("refusal", case, f"load accepted a corrupt checkpoint without error{where}: {corruption}",
+                          kind="accepted corruption", facts={"corruption": corruption.kind, "target": corruption.target})

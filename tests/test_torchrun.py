@@ -16,11 +16,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from torchrun_bridges import LoadRaisesOnRank1
+from torchrun_bridges import HangsOnAMissingNorm, LoadRaisesOnRank1, RefusesOnRank1WhileRank0WaitsForIt
 
 from conformance import distributed
-from conformance.cases import Case, Inputs
-from conformance.properties import prepare_checkpoint
+from conformance.cases import Case, Corruption, Inputs
+from conformance.properties import PropertyFailure, check_refusal, prepare_checkpoint
 from conformance.rank_pool import RankFailure, RankPool
 from conformance.rank_protocol import pick_free_port
 from conformance.session import check_layouts_fit_world, parse_layouts
@@ -211,10 +211,46 @@ def test_one_rank_layouts_run_on_a_launched_world(restore_pool: None) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def small_moe_config() -> ErnieMoeConfig:
+    return ErnieMoeConfig.from_hf(dict(vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=2,
+                                       num_attention_heads=2, num_key_value_heads=2, head_dim=8, moe_num_experts=2,
+                                       moe_k=1, moe_intermediate_size=8, moe_layer_start_index=1))
+
+
+def corrupt_two_rank_case(tmp_path: Path) -> tuple[Case, Path]:
+    """A refusal example on tp=2 (the final norm missing) and its intact checkpoint."""
+    case = Case(small_moe_config(), 3, Inputs(1, 4, 0), Layout(tp=2),
+                corruption=Corruption("missing", "model.norm.weight"))
+    return case, prepare_checkpoint(case, tmp_path)
+
+
+def test_a_refusal_on_one_rank_is_a_refusal_while_the_other_waits_for_it(tmp_path: Path, restore_pool: None) -> None:
+    """Rank 1 refuses the corrupt checkpoint; rank 0 waits for it in a collective of the bridge. Under
+    torchrun rank 1's exception ends the job: a refusal, answered within the pool's failure grace,
+    not a hang blamed on the bridge after the pool's timeout."""
+    case, hf = corrupt_two_rank_case(tmp_path)
+    with RankPool(2, timeout_s=60.0) as pool:
+        distributed.set_pool(pool)
+        observed = check_refusal(RefusesOnRank1WhileRank0WaitsForIt(), case, hf, case.corruption)
+        restarts = pool.restarts
+    assert observed == {"named": True}, observed
+    assert restarts == 1, f"the pool restarted {restarts} times: once, after rank 1's refusal, is expected"
+
+
+def test_a_load_that_hangs_on_a_corrupt_checkpoint_with_no_rank_refusing_fails_refusal(
+        tmp_path: Path, restore_pool: None) -> None:
+    case, hf = corrupt_two_rank_case(tmp_path)
+    with RankPool(2, timeout_s=30.0) as pool:
+        distributed.set_pool(pool)
+        with pytest.raises(PropertyFailure) as failure:
+            check_refusal(HangsOnAMissingNorm(), case, hf, case.corruption)
+    assert failure.value.kind == "bridge raised" and failure.value.facts["exception"] == "RankTimeout", failure.value
+    assert "load hung on ranks 0, 1 on a corrupt checkpoint, no rank refusing it" in str(failure.value), \
+        str(failure.value)
+
+
 def test_load_failing_on_one_rank_does_not_leave_the_other_in_a_collective(tmp_path: Path) -> None:
-    cfg = ErnieMoeConfig.from_hf(dict(vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=2, head_dim=8, moe_num_experts=2,
-                                      moe_k=1, moe_intermediate_size=8, moe_layer_start_index=1))
+    cfg = small_moe_config()
     case = Case(cfg, 3, Inputs(1, 4, 0), Layout(tp=2))
     hf = prepare_checkpoint(case, tmp_path)
     with RankPool(2, failure_grace_s=30.0) as pool:

@@ -6,6 +6,9 @@ receive the bridge pickled, by class name.
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 
@@ -63,3 +66,31 @@ class ExportRaisesOnEveryRank(ReferenceBridge):
 
     def export(self, chunks: list[torch.nn.Module], out_dir) -> None:
         raise NotImplementedError(f"export is not written yet (world of {_world_size()} ranks)")
+
+
+class RefusesOnRank1WhileRank0WaitsForIt(ReferenceBridge):
+    """refusal on two ranks: rank 1 checks the checkpoint and refuses a corrupt one, while rank 0
+    goes on into a collective with it and waits there, as a bridge whose stages hold different
+    parts of the model may (a tied embedding's all-reduce between the first and last stage)."""
+
+    name = "refuses-on-rank-1-while-rank-0-waits"
+
+    def load(self, hf_dir, layout):
+        chunks = super().load(hf_dir, layout) if _rank() == 1 else None
+        dist.all_reduce(torch.zeros(1))
+        return chunks if chunks is not None else super().load(hf_dir, layout)
+
+
+class HangsOnAMissingNorm(ReferenceBridge):
+    """refusal on two ranks: without `model.norm.weight`, load waits forever on every rank, and
+    no rank refuses."""
+
+    name = "hangs-on-a-missing-norm"
+
+    def load(self, hf_dir, layout):
+        from safetensors import safe_open
+
+        with safe_open(str(Path(hf_dir) / "model.safetensors"), "pt") as weights:
+            if "model.norm.weight" not in weights.keys():
+                time.sleep(3600)
+        return super().load(hf_dir, layout)
