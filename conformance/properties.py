@@ -171,14 +171,18 @@ def run_property(prop: str, bridge: Bridge, case: Case) -> dict[str, Any]:
         try:
             return _run_checks(prop, bridge, case, hf, workdir / "export") or {}
         except BridgeError as e:
-            failure = PropertyFailure(
-                prop, case, f"the bridge raised {e.exception} in {e.call}{on_ranks(e.ranks)} on a valid checkpoint: "
-                            f"{_last_line(e.message)}",
-                kind="bridge raised", facts={"call": e.call, "exception": e.exception},
-                evidence={"traceback": e.traceback_text})
+            failure = _bridge_raised(prop, case, e, f"the bridge raised {e.exception} in {e.call}{on_ranks(e.ranks)} "
+                                                   f"on a valid checkpoint: {_last_line(e.message)}")
             raise _without_scratch(failure, workdir) from e
         except PropertyFailure as failure:
             raise _without_scratch(failure, workdir) from failure.__cause__
+
+
+def _bridge_raised(prop: str, case: Case, error: BridgeError, detail: str) -> PropertyFailure:
+    """The failure of `prop` that the bridge's own `error` is, described by `detail`."""
+    return PropertyFailure(prop, case, detail, kind="bridge raised",
+                           facts={"call": error.call, "exception": error.exception},
+                           evidence={"traceback": error.traceback_text})
 
 
 def _last_line(text: str) -> str:
@@ -584,11 +588,8 @@ def check_refusal(bridge: Bridge, case: Case, hf_dir: Path, corruption: Corrupti
         answers = run_on_ranks("refuse", bridge, case, hf_dir)
     except BridgeError as refusal:
         if refusal.exception == HUNG_EXCEPTION:
-            raise PropertyFailure(
-                "refusal", case, f"load hung{on_ranks(refusal.ranks)} on a corrupt checkpoint, no rank refusing it: "
-                                 f"{corruption}",
-                kind="bridge raised", facts={"call": refusal.call, "exception": refusal.exception},
-                evidence={"traceback": refusal.traceback_text}) from refusal
+            raise _bridge_raised("refusal", case, refusal, f"load hung{on_ranks(refusal.ranks)} on a corrupt "
+                                                          f"checkpoint, no rank refusing it: {corruption}") from refusal
         return {"named": all(corruption.target in error for error in refusal_errors(refusal))}
     where = "" if len(answers) == 1 else " on every rank"
     raise PropertyFailure("refusal", case, f"load accepted a corrupt checkpoint without error{where}: {corruption}",
